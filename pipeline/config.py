@@ -140,6 +140,7 @@ class TrackingConfig:
     log_model: bool = True
     registered_model: Optional[str] = None  # register the final model under this name
     heatmaps: int = 4  # query clips drawn with their attention
+    log_every_steps: int = 20  # step metrics are reduced across ranks this often (one sync each)
 
 
 @dataclass
@@ -388,6 +389,7 @@ def validate(cfg: Config) -> Config:
     need(ev.clips_per_batch >= 1, "eval.clips_per_batch", "must be >= 1")
     need(cfg.failure.max_failures >= -1, "failure.max_failures", "must be >= -1 (-1 = unlimited)")
     need(cfg.tracking.heatmaps >= 0, "tracking.heatmaps", "must be >= 0")
+    need(cfg.tracking.log_every_steps >= 1, "tracking.log_every_steps", "must be >= 1")
     return cfg
 
 

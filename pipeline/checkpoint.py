@@ -1,0 +1,163 @@
+"""Checkpoints: DeepSpeed state per rank for resuming, plain ``state_dict`` exports for using the model.
+
+A training checkpoint directory (what ``ray.train.report`` persists; Ray merges every rank's files):
+
+- ``ds/``          DeepSpeed ``save_checkpoint`` output (model, optimizer shards per rank, LR scheduler)
+- ``meta.json``    epoch, global step, MLflow run id, best metric so far (rank 0)
+- ``config.yaml``  the merged config of the run (rank 0)
+
+An exported model directory (``final/`` and ``best/`` under the run; loadable by ``sta_model`` alone):
+
+- ``model.pt``     plain ``state_dict`` (``torch.load(weights_only=True)``)
+- ``config.yaml``, ``meta.json`` (num_classes, metrics)
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+
+from pipeline import storage
+from pipeline.config import Config, config_from_dict
+
+DS_TAG = "ds"
+
+
+def ray_storage(storage_path: str):
+    """``(path, pyarrow filesystem or None)`` for Ray's ``RunConfig``.
+
+    Ray opens ``s3://`` through pyarrow; an S3-compatible endpoint (MinIO, Ceph, moto) must be handed
+    to pyarrow explicitly, so the endpoint from ``AWS_ENDPOINT_URL`` is honoured here.
+    """
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if storage.is_s3(storage_path) and endpoint:
+        import pyarrow.fs
+
+        bucket, key = storage.parse_s3(storage_path)
+        scheme, _, host = endpoint.partition("://")
+        fs = pyarrow.fs.S3FileSystem(
+            endpoint_override=host or endpoint, scheme=scheme if host else "https",
+            access_key=os.environ.get("AWS_ACCESS_KEY_ID"), secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            session_token=os.environ.get("AWS_SESSION_TOKEN"),
+            region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), allow_bucket_creation=False)
+        return f"{bucket}/{key}".rstrip("/"), fs
+    if storage.is_s3(storage_path):
+        return storage_path, None
+    if storage_path.startswith("file://"):
+        storage_path = storage_path[len("file://"):]
+    return str(Path(storage_path).resolve()), None
+
+
+def storage_url(path: str, filesystem) -> str:
+    """Inverse of :func:`ray_storage`: a URL our storage layer can open."""
+    if filesystem is not None and getattr(filesystem, "type_name", "") == "s3":
+        return f"s3://{path}"
+    return path
+
+
+def save(engine, directory: str, *, rank: int, cfg: Config, meta: dict[str, Any]) -> None:
+    """Every rank writes its DeepSpeed shard into ``directory``; rank 0 adds meta and config."""
+    os.makedirs(directory, exist_ok=True)
+    engine.save_checkpoint(directory, tag=DS_TAG, client_state={"meta": meta})
+    if rank == 0:
+        Path(directory, "meta.json").write_text(json.dumps(meta, indent=1))
+        Path(directory, "config.yaml").write_text(cfg.to_yaml())
+
+
+def load(engine, directory: str) -> dict[str, Any]:
+    """Restore model, optimizer and LR scheduler into ``engine``; returns the saved meta."""
+    path, client_state = engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    if path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint (tag {DS_TAG!r}) under {directory}")
+    meta_file = Path(directory, "meta.json")
+    return json.loads(meta_file.read_text()) if meta_file.exists() else dict(client_state.get("meta", {}))
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The whole model's fp32 ``state_dict`` on CPU, gathering ZeRO-3 partitions when needed."""
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+            for k, v in module.state_dict().items()}
+
+
+def export_model(state_dict: dict[str, torch.Tensor], cfg: Config, url: str, *, num_classes: int,
+                 metrics: Optional[dict[str, float]] = None) -> None:
+    """Write ``model.pt`` + ``config.yaml`` + ``meta.json`` under ``url`` (meta last: it marks completeness)."""
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    storage.write_bytes(storage.join(url, "model.pt"), buf.getvalue())
+    storage.write_bytes(storage.join(url, "config.yaml"), cfg.to_yaml().encode())
+    meta = {"num_classes": num_classes, "model": cfg.model.kind, "metrics": metrics or {}}
+    storage.write_bytes(storage.join(url, "meta.json"), json.dumps(meta, indent=1).encode())
+
+
+def build_model_from_config(cfg: Config, num_classes: int) -> torch.nn.Module:
+    from sta_model.model import build_model
+
+    m = cfg.model
+    kw: dict[str, Any] = dict(trunk=m.trunk, embed_dim=m.embed_dim, pretrained=m.pretrained,
+                              last_stride=m.last_stride)
+    if m.kind == "sta":
+        kw.update(num_blocks=m.num_blocks, fusion=tuple(m.fusion))
+    return build_model(m.kind, num_classes, **kw)
+
+
+def load_exported(url: str) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
+    """Model (eval mode, CPU) + config + meta from an exported model directory."""
+    if not storage.exists(storage.join(url, "meta.json")):
+        raise FileNotFoundError(f"{url}: not an exported model (no meta.json)")
+    meta = json.loads(storage.read_bytes(storage.join(url, "meta.json")))
+    cfg = config_from_dict(yaml.safe_load(storage.read_bytes(storage.join(url, "config.yaml"))))
+    cfg.model.pretrained = None  # weights come from model.pt
+    model = build_model_from_config(cfg, meta["num_classes"])
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(url, "model.pt"))), map_location="cpu",
+                       weights_only=True)
+    model.load_state_dict(state)
+    return model.eval(), cfg, meta
+
+
+def load_training_checkpoint(url: str) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
+    """Model + config + meta from a Ray/DeepSpeed training checkpoint directory, without DeepSpeed.
+
+    Stages 0–2 keep the full module weights in ``ds/mp_rank_00_model_states.pt``; ZeRO-3 checkpoints
+    must be exported first (the run writes ``final/`` and ``best/`` exports for that reason).
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if storage.is_s3(url):
+            storage.download_dir(url, tmp)
+            local = tmp
+        else:
+            local = url[len("file://"):] if url.startswith("file://") else url
+        cfg = config_from_dict(yaml.safe_load(Path(local, "config.yaml").read_text()))
+        meta = json.loads(Path(local, "meta.json").read_text())
+        states = Path(local, DS_TAG, "mp_rank_00_model_states.pt")
+        if not states.exists():
+            raise FileNotFoundError(f"{url}: no {DS_TAG}/mp_rank_00_model_states.pt (ZeRO-3? use the run's final/ export)")
+        blob = torch.load(states, map_location="cpu", weights_only=False)
+        state = blob["module"]
+        if not state or any(v.numel() == 0 for v in state.values()):
+            raise ValueError(f"{url}: partitioned (ZeRO-3) weights; use the run's final/ or best/ export")
+    cfg.model.pretrained = None
+    model = build_model_from_config(cfg, meta["num_classes"])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.eval(), cfg, meta
+
+
+def load_any(url: str) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
+    """An exported model dir or a training checkpoint dir, whichever ``url`` is."""
+    if storage.exists(storage.join(url, "model.pt")):
+        return load_exported(url)
+    return load_training_checkpoint(url)

@@ -1,0 +1,201 @@
+"""``python -m pipeline.train [--config FILE] [key=value ...]``: STA training on Ray Train + DeepSpeed.
+
+With no arguments it runs the embedded default: generates the synthetic set if absent, packs it into
+local shards, starts a local Ray, trains 2 CPU workers, evaluates, logs to ./mlflow.db and prints a
+summary. On a cluster the same command runs under ``ray job submit`` (Ray's address comes from
+``RAY_ADDRESS``). Config errors exit with code 2 before Ray starts.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.config import Config, ConfigError, load_config
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic.yaml"
+log = logging.getLogger("pipeline.train")
+
+
+def parse_args(argv: Optional[list[str]] = None, *, prog: str = "pipeline.train") -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    ap.add_argument("--config", help="YAML config (default: configs/synthetic.yaml)")
+    ap.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+    ap.add_argument("--resume", help="run directory (storage_path/name) or checkpoint URI to continue from")
+    ap.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 data.clip_len=8")
+    return ap.parse_args(argv)
+
+
+def config_or_exit(args: argparse.Namespace) -> Config:
+    """Load + validate; a bad config prints one line naming the key and exits 2 (before Ray starts)."""
+    path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    try:
+        return load_config(path, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def prepare_data(cfg: Config) -> dict[str, Any]:
+    """Make sure ``data.shards`` holds a dataset; for the synthetic default, generate and pack it."""
+    from pipeline import storage
+    from pipeline.stream import read_manifest
+
+    if storage.exists(storage.join(cfg.data.shards, "manifest.json")):
+        return read_manifest(cfg.data.shards)
+    if cfg.data.dataset != "synthetic" or not cfg.data.prepare:
+        raise ConfigError(f"data.shards: no dataset at {cfg.data.shards} (no manifest.json); pack it first: "
+                          f"python -m pipeline.pack --dataset {cfg.data.dataset} --root <raw> --out {cfg.data.shards}")
+    from pipeline.pack import pack
+    from pipeline.synthetic import generate
+
+    s = cfg.data.synthetic
+    t = time.perf_counter()
+    generate(cfg.data.root, num_ids=s.num_ids, num_test_ids=s.num_test_ids, tracklets_per_id=s.tracklets_per_id,
+             frames_per_tracklet=(s.min_frames, s.max_frames), height=s.height, width=s.width,
+             num_cameras=s.num_cameras, occlusion_prob=s.occlusion_prob, seed=s.seed)
+    pack("synthetic", cfg.data.root, cfg.data.shards, progress=False)
+    print(f"prepared synthetic dataset: {cfg.data.root} -> {cfg.data.shards} ({time.perf_counter() - t:.1f}s)")
+    return read_manifest(cfg.data.shards)
+
+
+def init_ray(cfg: Config, address: Optional[str] = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        # Local Ray: logical CPUs for every training worker (DataLoader processes are not Ray tasks).
+        need = int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 1
+        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, runtime_env=env)
+
+
+# Environment the workers need to see the same object store and tracking server as the driver.
+_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                  "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+                  "MLFLOW_TRACKING_PASSWORD", "MLFLOW_DISABLE_TELEMETRY", "STA_INJECT_FAILURE_EPOCH",
+                  "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "DS_ACCELERATOR")
+
+
+def build_trainer(cfg: Config, *, run_name: str, storage_path: str, resume: Optional[str] = None,
+                  parent_run_id: Optional[str] = None, callbacks: Optional[list] = None):
+    """The ``TorchTrainer`` for one run (also used per trial by ``pipeline.tune``)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline import tracking
+    from pipeline.checkpoint import ray_storage
+    from pipeline.worker import train_loop_per_worker
+
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker, **sc.resources_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
+    path, fs = ray_storage(storage_path)
+    # Workers must log to the driver's store even with another cwd: resolve it here.
+    cfg.tracking.uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "resume": resume, "parent_run_id": parent_run_id},
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=path, storage_filesystem=fs, callbacks=callbacks,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.failure.max_failures)),
+    )
+
+
+def resolve_resume(uri: str) -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """``--resume`` → (storage_path, run_name, checkpoint_uri).
+
+    A run directory (holding Ray's checkpoint manager snapshot) continues under the same name, where
+    Ray Train restores its latest checkpoint itself; a checkpoint directory starts a new run from it.
+    """
+    from pipeline import storage
+
+    uri = uri.rstrip("/")
+    if storage.exists(storage.join(uri, "meta.json")) and storage.exists(storage.join(uri, "config.yaml")):
+        return None, None, uri
+    parent, _, name = uri.rpartition("/")
+    if not name or not storage.listdir(uri):
+        raise ConfigError(f"--resume: {uri} is neither a run directory nor a checkpoint")
+    return parent, name, None
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    cfg = config_or_exit(args)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return {}
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    storage_path, run_name, resume_ckpt = cfg.checkpoint.storage_path, None, None
+    try:
+        if args.resume:
+            rp, rn, resume_ckpt = resolve_resume(args.resume)
+            if rn:
+                storage_path, run_name = rp, rn
+        manifest = prepare_data(cfg)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    run_name = run_name or cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    init_ray(cfg, args.address)
+    trainer = build_trainer(cfg, run_name=run_name, storage_path=storage_path, resume=resume_ckpt)
+    t = time.perf_counter()
+    result = trainer.fit()
+    summary = summarize(cfg, result, manifest, time.perf_counter() - t)
+    print(format_summary(summary))
+    return summary
+
+
+def summarize(cfg: Config, result, manifest: dict, seconds: float) -> dict[str, Any]:
+    from pipeline import tracking
+
+    m = result.metrics or {}
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    return {
+        "rank1": m.get("rank1"), "mAP": m.get("mAP"), "rr_rank1": m.get("rr_rank1"), "rr_mAP": m.get("rr_mAP"),
+        "epochs": m.get("epoch"), "global_step": m.get("global_step"), "skipped_samples": m.get("skipped_samples"),
+        "num_query": manifest["splits"]["query"]["num_tracklets"], "num_gallery": manifest["splits"]["gallery"]["num_tracklets"],
+        "run_path": result.path, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "mlflow_run_id": m.get("mlflow_run_id"), "tracking_uri": uri, "seconds": seconds,
+        "error": str(result.error) if result.error else None,
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    lines = [
+        "",
+        f"== STA training finished in {s['seconds'] / 60:.1f} min ({s['epochs']} epochs, {s['global_step']} steps)",
+        f"   Rank-1 {pct(s['rank1'])}   mAP {pct(s['mAP'])}   ({s['num_query']} queries, {s['num_gallery']} gallery)",
+    ]
+    if s.get("rr_mAP") is not None:
+        lines.append(f"   re-ranked: Rank-1 {pct(s['rr_rank1'])}   mAP {pct(s['rr_mAP'])}")
+    lines += [
+        f"   skipped corrupt samples: {s['skipped_samples']}",
+        f"   run directory: {s['run_path']}",
+        f"   last checkpoint: {s['checkpoint']}",
+        f"   MLflow run {s['mlflow_run_id']} in {s['tracking_uri']}",
+        f"   open the UI: mlflow ui --backend-store-uri {s['tracking_uri']}",
+    ]
+    if s.get("error"):
+        lines.append(f"   ERROR: {s['error']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    summary = main()
+    sys.exit(1 if summary.get("error") else 0)
