@@ -175,11 +175,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     tracker = tracking.Tracker(cfg) if rank == 0 else None
     if tracker is not None:
+        new_run = not meta.get("mlflow_run_id")
         run_id = tracker.start(cfg, run_id=meta.get("mlflow_run_id"),
                                parent_run_id=loop_config.get("parent_run_id"),
                                extra_tags={"precision": precision, "world_size": str(world)})
         meta["mlflow_run_id"] = run_id
-        if not restored:
+        if new_run:
             tracker.log_params(cfg)
             tracker.log_config(cfg)
             tracker.log_text(json.dumps(ds_cfg, indent=1), "deepspeed_config.json")
