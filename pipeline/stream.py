@@ -1,0 +1,589 @@
+"""Streaming loaders over WebDataset-style tracklet shards (contract: docs/interfaces.md).
+
+Training (`train_loader`): each (rank, DataLoader worker) reads its own shards, keeps the raw
+bytes of whole identities in a small pool, and emits P x K batches; only the N sampled frames of
+a tracklet are ever decoded. Evaluation (`eval_loader`): every tracklet of a split, all frames,
+cut into consecutive N-frame clips, each tracklet read by exactly one (rank, worker).
+
+Shards are parsed by a small streaming tar reader (`iter_tar`) over `pipeline.storage.open_read`
+(local files and S3 alike), one pass, no seeking, no temp files.
+
+Bad input never crashes a loader and is never lost silently. Each of these counts 1 in the
+``skipped`` field of the next batch of the worker that met it (and is logged as a warning):
+  * a bad sample: missing/invalid JSON, frame count != ``n_frames``, a frame that does not decode
+    (the whole tracklet is dropped; a tracklet's frames are never silently thinned);
+  * a truncated or corrupt shard: the rest of that shard is skipped, the worker goes on with its
+    next shard (samples completed before the damage are kept);
+  * a shard that cannot be opened.
+In training, JPEGs are only decoded when sampled, so a tracklet with a bad frame is detected
+(and dropped for the rest of the epoch) when one of its bad frames is first drawn.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import re
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline import storage
+from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_frame, erase_box,
+                                 eval_clip_indices, mean_fill, restricted_sample, to_normalized)
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "read_manifest", "split_counts", "train_loader",
+           "eval_loader", "aggregate_embeddings", "train_shard_assignment", "eval_assignment",
+           "iter_tar", "iter_samples", "TarError"]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "sta-reid-shards/1"
+SPLITS = ("train", "query", "gallery")
+POOL_FACTOR = 4   # a training worker keeps >= POOL_FACTOR * P identities buffered to draw from
+_TAG_SHARDS, _TAG_SAMPLES = 0x5AD, 0x5A3  # RNG stream tags (shard order vs. sampling)
+
+try:  # S3 read failures surface as botocore errors, not OSError
+    from botocore.exceptions import BotoCoreError, ClientError
+    _READ_ERRORS: tuple = (OSError, EOFError, ValueError, BotoCoreError, ClientError)
+except ImportError:  # pragma: no cover - boto3 is a dependency
+    _READ_ERRORS = (OSError, EOFError, ValueError)
+
+
+# =========================================================================== manifest
+def read_manifest(url) -> dict:
+    """The dataset's ``manifest.json``; ``FileNotFoundError`` "not a dataset (no manifest.json)"
+    if absent, ``ValueError`` if it is not a ``sta-reid-shards/1`` manifest."""
+    murl = storage.join(url, MANIFEST)
+    try:
+        raw = storage.read_bytes(murl)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: not a dataset (no {MANIFEST})") from None
+    try:
+        man = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{murl}: unreadable manifest ({e})") from None
+    if not isinstance(man, dict) or man.get("format") != FORMAT or not isinstance(man.get("splits"), dict):
+        raise ValueError(f"{murl}: not a {FORMAT} manifest (format={man.get('format') if isinstance(man, dict) else None!r})")
+    return man
+
+
+def _split(man: dict, split: str, url) -> dict:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} (expected one of {SPLITS})")
+    if split not in man["splits"]:
+        raise ValueError(f"{url}: the manifest has no {split!r} split")
+    return man["splits"][split]
+
+
+def split_counts(url, split: str) -> dict:
+    """``{"num_tracklets", "num_identities", "num_frames", "num_shards"}`` of a split, from the
+    manifest: what an evaluator should expect to see (e.g. ``aggregate_embeddings``' size)."""
+    s = _split(read_manifest(url), split, url)
+    return {"num_tracklets": int(s["num_tracklets"]), "num_identities": int(s["num_identities"]),
+            "num_frames": int(s["num_frames"]), "num_shards": len(s["shards"])}
+
+
+# =========================================================================== tar reading
+class TarError(ValueError):
+    """A shard is truncated or its tar structure is corrupt."""
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+class _Chunked:
+    """Exact-size reads over a stream, fetched in large chunks (one syscall / HTTP read per MiB
+    instead of two per tar member)."""
+
+    def __init__(self, f, chunk: int = 1 << 20):
+        self.f, self.chunk, self.buf, self.pos, self.offset = f, chunk, b"", 0, 0
+
+    def read(self, n: int) -> bytes:
+        end = self.pos + n
+        if end <= len(self.buf):
+            out = self.buf[self.pos:end]
+            self.pos = end
+        else:
+            parts, have = [self.buf[self.pos:]], len(self.buf) - self.pos
+            while have < n:
+                data = self.f.read(max(self.chunk, n - have))
+                if not data:
+                    break
+                parts.append(data)
+                have += len(data)
+            joined = b"".join(parts)
+            out, self.buf, self.pos = joined[:n], joined, min(n, len(joined))
+        self.offset += len(out)
+        return out
+
+
+def _tar_number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for big values
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    field = field.split(b"\0", 1)[0].strip()
+    return int(field, 8) if field else 0
+
+
+def _tar_str(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _pax(data: bytes) -> dict:
+    out, pos = {}, 0
+    while pos < len(data):
+        sp = data.index(b" ", pos)
+        length = int(data[pos:sp])
+        key, _, value = data[sp + 1:pos + length - 1].partition(b"=")
+        out[key.decode()] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def iter_tar(f) -> Iterator[tuple[str, bytes]]:
+    """Stream ``(name, data)`` of the regular files of a tar archive read from file object ``f``.
+
+    Handles ustar, GNU long names and pax headers (Python's tarfile writes pax records for float
+    mtimes). Raises ``TarError`` on a bad header checksum, a member cut short, or a stream that
+    ends without the end-of-archive block (a shard truncated at a member boundary)."""
+    r = _Chunked(f)
+    long_name, pax = None, {}
+    while True:
+        at = r.offset
+        hdr = r.read(512)
+        if len(hdr) < 512:
+            raise TarError(f"truncated: stream ends at byte {at + len(hdr)} without end-of-archive")
+        if hdr == _ZERO_BLOCK:
+            return
+        try:
+            stored = _tar_number(hdr[148:156])
+            size = _tar_number(hdr[124:136])
+        except ValueError:
+            raise TarError(f"corrupt header at byte {at}") from None
+        unsigned = sum(hdr[:148]) + 256 + sum(hdr[156:])
+        if stored != unsigned and stored != unsigned - 256 * sum(  # some writers sum signed bytes
+                1 for b in hdr[:148] + hdr[156:] if b > 127):
+            raise TarError(f"corrupt header at byte {at} (checksum mismatch)")
+        kind = hdr[156:157]
+        name = _tar_str(hdr[:100])
+        if hdr[257:262] == b"ustar":
+            prefix = _tar_str(hdr[345:500])
+            if prefix:
+                name = f"{prefix}/{name}"
+        if kind not in (b"x", b"g", b"L") and "size" in pax:
+            size = int(pax["size"])
+        data = r.read(size)
+        if len(data) < size:
+            raise TarError(f"truncated inside member {name!r} (at byte {r.offset})")
+        r.read(-size % 512)
+        if kind == b"x":
+            pax = _pax(data)
+        elif kind == b"L":
+            long_name = _tar_str(data)
+        elif kind == b"g":
+            pass
+        else:
+            if kind in (b"0", b"\0", b"7"):
+                yield pax.get("path", long_name or name), data
+            long_name, pax = None, {}
+
+
+# =========================================================================== samples
+class _Skips:
+    """Per-worker count of skipped inputs, handed out with the next batch."""
+
+    def __init__(self):
+        self.pending = 0
+        self.total = 0
+
+    def add(self, what: str, where: str, why) -> None:
+        self.pending += 1
+        self.total += 1
+        log.warning("skipped %s in %s: %s", what, where, why)
+
+    def take(self) -> int:
+        n, self.pending = self.pending, 0
+        return n
+
+
+_FRAME = re.compile(r"(\d+)\.(jpg|jpeg|png)$", re.IGNORECASE)
+
+
+def _make_sample(key: str, members: dict, where: str) -> tuple[dict, list[bytes]]:
+    """Validate one tracklet's members -> (meta, frames in order); ValueError says why not."""
+    if "json" not in members:
+        raise ValueError(f"sample {key!r} has no {key}.json")
+    try:
+        meta = json.loads(members.pop("json"))
+    except ValueError as e:
+        raise ValueError(f"sample {key!r}: bad json ({e})") from None
+    for field in ("pid", "camid", "n_frames", "index"):
+        if not isinstance(meta.get(field), int):
+            raise ValueError(f"sample {key!r}: json field {field!r} missing or not an int")
+    frames = sorted((int(m.group(1)), data) for ext, data in members.items()
+                    if (m := _FRAME.fullmatch(ext)))
+    if len(frames) != meta["n_frames"] or [i for i, _ in frames] != list(range(len(frames))):
+        raise ValueError(f"sample {key!r}: {len(frames)} frames, json says n_frames={meta['n_frames']}")
+    if not frames:
+        raise ValueError(f"sample {key!r}: no frames")
+    return meta, [d for _, d in frames]
+
+
+def iter_samples(shard_url, skips: _Skips | None = None, *, part: int = 0, parts: int = 1
+                 ) -> Iterator[tuple[int, dict, list[bytes]]]:
+    """Stream the valid samples of one shard as ``(position, meta, frames)``; ``frames`` are the
+    raw encoded bytes in temporal order, ``position`` counts every sample of the shard.
+
+    Only positions with ``position % parts == part`` are validated and yielded (co-readers of a
+    shard split it this way). A bad sample is counted in ``skips`` by its owner; a truncated or
+    corrupt shard, or one that cannot be opened, ends the iteration after counting 1 (by the
+    ``part == 0`` reader only). Without ``skips``, errors raise instead."""
+    pos, key, members = 0, None, {}
+
+    def finish():
+        try:
+            return _make_sample(key, members, str(shard_url))
+        except ValueError as e:
+            if skips is None:
+                raise
+            skips.add("sample", str(shard_url), e)
+            return None
+
+    try:
+        with storage.open_read(shard_url) as f:
+            for name, data in iter_tar(f):
+                k, dot, ext = name.partition(".")
+                if not dot:
+                    continue  # not a sample member
+                if k != key:
+                    if key is not None:
+                        if pos % parts == part and (sample := finish()) is not None:
+                            yield (pos, *sample)
+                        pos += 1
+                    key, members = k, {}
+                members[ext] = data
+            if key is not None and pos % parts == part and (sample := finish()) is not None:
+                yield (pos, *sample)
+    except _READ_ERRORS as e:
+        if skips is None:
+            raise
+        if part == 0:
+            skips.add("rest of shard", str(shard_url), e)
+
+
+# =========================================================================== assignment
+def _epoch_order(n: int, seed: int, epoch: int, rnd: int) -> list[int]:
+    return np.random.default_rng([_TAG_SHARDS, seed, epoch, rnd]).permutation(n).tolist()
+
+
+def train_shard_assignment(shards: list[str], *, seed: int, epoch: int, rank: int, world_size: int,
+                           worker: int, num_workers: int, round: int = 0) -> list[str]:
+    """The shards (rank, worker) reads in resampling round ``round`` of an epoch (pure function).
+
+    All slots shuffle the shard list with the same (seed, epoch, round) permutation; slot
+    ``rank * num_workers + worker`` takes every (world_size*num_workers)-th shard of it, so within
+    a round the slots' sets are disjoint and together cover every shard. Round r+1 (a worker ran
+    out) reshuffles with a new sub-seed. With fewer shards than slots, a slot without a share
+    reads one shard chosen from the permutation (not disjoint; pack more shards to avoid it)."""
+    slots = world_size * num_workers
+    if not (0 <= rank < world_size and 0 <= worker < num_workers):
+        raise ValueError(f"bad slot rank={rank}/{world_size} worker={worker}/{num_workers}")
+    if not shards:
+        return []
+    order = _epoch_order(len(shards), seed, epoch, round)
+    slot = rank * num_workers + worker
+    mine = order[slot::slots] or [order[slot % len(shards)]]
+    return [shards[i] for i in mine]
+
+
+def eval_assignment(shards: list[str], *, rank: int, world_size: int, worker: int,
+                    num_workers: int) -> list[tuple[str, int, int]]:
+    """The ``(shard, part, parts)`` units (rank, worker) reads for evaluation (pure function).
+
+    With at least as many shards as slots, ``parts`` is 1 and slot j takes shards j, j+S, ...
+    Otherwise every shard is split by sample position (position % parts == part), so all slots
+    get work. Either way each tracklet belongs to exactly one slot."""
+    slots = world_size * num_workers
+    if not (0 <= rank < world_size and 0 <= worker < num_workers):
+        raise ValueError(f"bad slot rank={rank}/{world_size} worker={worker}/{num_workers}")
+    if not shards:
+        return []
+    parts = max(1, math.ceil(slots / len(shards)))
+    units = [(s, q, parts) for s in shards for q in range(parts)]
+    return units[rank * num_workers + worker::slots]
+
+
+# =========================================================================== loaders (shared)
+class _WorkerStream(IterableDataset):
+    """Calls ``fn(worker, num_workers)`` in each DataLoader worker (0, 1 in-process)."""
+
+    def __init__(self, fn, length: int | None = None):
+        self.fn, self.length = fn, length
+
+    def __iter__(self):
+        info = get_worker_info()
+        return iter(self.fn(0, 1) if info is None else self.fn(info.id, info.num_workers))
+
+    def __len__(self):
+        if self.length is None:
+            raise TypeError("this stream has no fixed length")
+        return self.length
+
+
+def _out_tensor(shape) -> torch.Tensor:
+    # In a worker process, build the batch directly in shared memory: the DataLoader then passes
+    # a handle instead of copying the whole batch into a new shared segment.
+    t = torch.empty(shape, dtype=torch.float32)
+    return t.share_memory_() if get_worker_info() is not None and t.numel() else t
+
+
+def _make_loader(ds, num_workers, pin_memory, prefetch_factor) -> DataLoader:
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    return DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      prefetch_factor=prefetch_factor if num_workers > 0 else None,
+                      persistent_workers=False)
+
+
+def _shard_urls(url, split_info: dict) -> list[str]:
+    return [storage.join(url, s["name"]) for s in split_info["shards"]]
+
+
+# =========================================================================== training
+def _train_worker(worker: int, num_workers: int, *, shards, num_ids, num_classes, clip_len, p, k,
+                  height, width, batches_per_epoch, epoch, seed, rank, world_size, hflip,
+                  random_erasing, mean, std):
+    n_batches = batches_per_epoch // num_workers + (worker < batches_per_epoch % num_workers)
+    if n_batches == 0:
+        return
+    rng = np.random.default_rng([_TAG_SAMPLES, seed, epoch, rank, world_size, worker, num_workers])
+    skips = _Skips()
+    fill = mean_fill(mean)
+    pool: dict[int, list] = {}  # pid -> [(meta, frames)], insertion order = read order
+    target = min(POOL_FACTOR * p, num_ids)
+
+    def assigned(rnd):
+        return train_shard_assignment(shards, seed=seed, epoch=epoch, rank=rank,
+                                      world_size=world_size, worker=worker,
+                                      num_workers=num_workers, round=rnd)
+
+    own = assigned(0)[::-1]  # this epoch's disjoint share, popped from the end
+    resampled = (s for rnd in range(1, 1 << 30) for s in assigned(rnd))
+    resampling = False
+
+    def refill(need: int):
+        """Read shards until the pool holds `target` identities. Past its own share, a worker
+        only resamples once it cannot make a batch (pool < `need`): read-ahead alone must not
+        make slots' shard sets overlap."""
+        nonlocal target, resampling
+        fruitless = 0
+        while len(pool) < target:
+            if own:
+                shard = own.pop()
+            elif len(pool) >= need and not resampling:
+                return
+            else:
+                resampling = True
+                shard = next(resampled)
+            got: dict[int, list] = {}
+            for _, meta, frames in iter_samples(shard, skips):
+                if not 0 <= meta["pid"] < num_classes:
+                    skips.add("sample", shard, f"pid {meta['pid']} outside 0..{num_classes - 1}")
+                    continue
+                got.setdefault(meta["pid"], []).append((meta, frames))
+            new = [pid for pid in got if pid not in pool]  # a pid already pooled is the same data
+            for pid in new:
+                pool[pid] = got[pid]
+            fruitless = 0 if new else fruitless + 1
+            if fruitless > 2 * len(shards):  # two rounds brought nothing new: take what we have
+                if len(pool) >= need:  # fewer usable ids than the manifest says: settle
+                    target = len(pool)
+                    return
+                raise RuntimeError(f"only {len(pool)} usable identities in the training shards, "
+                                   f"a batch needs P={need} ({skips.total} inputs skipped)")
+
+    shape = (p * k, clip_len, height, width, 3)
+    for _ in range(n_batches):
+        u8 = np.empty(shape, dtype=np.uint8)
+        pids = np.empty(p * k, dtype=np.int64)
+        camids = np.empty(p * k, dtype=np.int64)
+        refill(p)
+        order = list(pool)
+        chosen = [order[i] for i in rng.choice(len(order), p, replace=False)]
+        spare = [pid for pid in order if pid not in chosen]
+        slot = 0
+        while chosen:
+            pid = chosen.pop(0)
+            tracks = pool[pid]
+            picks = rng.choice(len(tracks), k, replace=len(tracks) < k)
+            ok = True
+            for j, t in enumerate(picks):
+                meta, frames = tracks[t]
+                idx = restricted_sample(len(frames), clip_len, rng)
+                flip = hflip and rng.random() < 0.5
+                try:
+                    for n, fi in enumerate(idx):
+                        a = decode_frame(frames[fi], height, width)
+                        u8[slot + j, n] = a[:, ::-1] if flip else a
+                except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad data
+                    skips.add("sample", f"tracklet {meta.get('tracklet', meta['index'])}",
+                              f"frame {fi} does not decode ({e})")
+                    tracks.pop(t)
+                    ok = False
+                    break
+                if random_erasing > 0 and rng.random() < random_erasing:
+                    box = erase_box(height, width, rng)
+                    if box is not None:  # same rectangle on every frame of the clip
+                        y, x, h, w = box
+                        u8[slot + j, :, y:y + h, x:x + w] = fill
+                pids[slot + j], camids[slot + j] = meta["pid"], meta["camid"]
+            if ok:
+                del pool[pid]
+                slot += k
+                continue
+            if tracks:  # redraw this identity from its remaining tracklets
+                chosen.insert(0, pid)
+                continue
+            del pool[pid]  # identity exhausted: replace it by another pooled one
+            if not spare:
+                refill(len(chosen) + 1 + slot // k)
+                spare = [q for q in pool if q not in chosen and q not in pids[:slot]]
+                if not spare:
+                    raise RuntimeError(f"not enough usable identities for a P={p} batch "
+                                       f"({skips.total} inputs skipped)")
+            chosen.append(spare.pop(int(rng.integers(len(spare)))))
+        clips = to_normalized(u8, mean, std, out=_out_tensor((p * k, clip_len, 3, height, width)))
+        yield {"clips": clips, "pids": torch.from_numpy(pids), "camids": torch.from_numpy(camids),
+               "skipped": skips.take()}
+
+
+def train_loader(url, *, clip_len: int, p: int, k: int, height: int, width: int,
+                 batches_per_epoch: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 2, hflip: bool = True, random_erasing: float = 0.0,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, pin_memory: bool = False,
+                 prefetch_factor: int = 2) -> DataLoader:
+    """Training stream for one rank: exactly ``batches_per_epoch`` P x K batches
+    ``{"clips": float32 (P*K, N, 3, H, W), "pids": long, "camids": long, "skipped": int}``.
+
+    Shards are assigned by ``train_shard_assignment`` (disjoint across ranks x workers within an
+    epoch, reshuffled per (seed, epoch), resampled when a worker runs out); batches are split
+    among workers (worker w makes ``B//W + (w < B%W)``). A worker pools >= 4P identities (whole
+    identities: train shards never split one) and draws P distinct ones per batch, K tracklets
+    each (with replacement if an identity has fewer than K); a drawn identity leaves the pool.
+    Clips: restricted random sampling of N frames, then per clip one horizontal-flip coin and
+    (with probability ``random_erasing``) one erased rectangle shared by all its frames, filled
+    with the mean. Output is a deterministic function of (seed, epoch, rank, world_size,
+    num_workers); ``num_workers=0`` runs in-process and equals ``num_workers=1``."""
+    for name, v in (("clip_len", clip_len), ("p", p), ("k", k), ("height", height), ("width", width)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if batches_per_epoch < 0 or not 0 <= rank < world_size or not 0.0 <= random_erasing <= 1.0:
+        raise ValueError(f"bad arguments: batches_per_epoch={batches_per_epoch}, rank={rank}, "
+                         f"world_size={world_size}, random_erasing={random_erasing}")
+    man = read_manifest(url)
+    tr = _split(man, "train", url)
+    num_ids = int(tr["num_identities"])
+    if num_ids < p:
+        raise ValueError(f"{url}: {num_ids} training identities, fewer than P={p}")
+    if not tr["shards"]:
+        raise ValueError(f"{url}: no training shards")
+    fn = functools.partial(
+        _train_worker, shards=_shard_urls(url, tr), num_ids=num_ids,
+        num_classes=int(man.get("num_classes") or num_ids), clip_len=clip_len, p=p, k=k,
+        height=height, width=width, batches_per_epoch=batches_per_epoch, epoch=epoch, seed=seed,
+        rank=rank, world_size=world_size, hflip=hflip, random_erasing=random_erasing,
+        mean=tuple(mean), std=tuple(std))
+    return _make_loader(_WorkerStream(fn, batches_per_epoch), num_workers, pin_memory, prefetch_factor)
+
+
+# =========================================================================== evaluation
+def _eval_worker(worker: int, num_workers: int, *, shards, clip_len, height, width, rank,
+                 world_size, clips_per_batch, mean, std):
+    skips = _Skips()
+    units = eval_assignment(shards, rank=rank, world_size=world_size, worker=worker,
+                            num_workers=num_workers)
+    shape = (clips_per_batch, clip_len, height, width, 3)
+    u8 = np.empty(shape, dtype=np.uint8)
+    index, pids, camids = (np.empty(clips_per_batch, dtype=np.int64) for _ in range(3))
+    fill = 0
+    ready = None  # a full batch is held back until more data (or the end) so that skips met
+    #               after it still ride on a batch of this worker
+
+    def emit(n):
+        clips = to_normalized(u8[:n], mean, std, out=_out_tensor((n, clip_len, 3, height, width)))
+        return {"clips": clips, "index": torch.from_numpy(index[:n].copy()),
+                "pids": torch.from_numpy(pids[:n].copy()),
+                "camids": torch.from_numpy(camids[:n].copy()), "skipped": 0}
+
+    for shard, part, parts in units:
+        for _, meta, frames in iter_samples(shard, skips, part=part, parts=parts):
+            try:
+                decoded = [decode_frame(fr, height, width) for fr in frames]
+            except (OSError, ValueError, SyntaxError) as e:
+                skips.add("sample", f"{shard} tracklet {meta['index']}", f"a frame does not decode ({e})")
+                continue
+            for clip in eval_clip_indices(len(decoded), clip_len):
+                if fill == clips_per_batch:
+                    if ready is not None:
+                        ready["skipped"] = skips.take()
+                        yield ready
+                    ready, fill = emit(fill), 0
+                for n, fi in enumerate(clip):
+                    u8[fill, n] = decoded[fi]
+                index[fill], pids[fill], camids[fill] = meta["index"], meta["pid"], meta["camid"]
+                fill += 1
+    if ready is not None:
+        ready["skipped"] = skips.take() if fill == 0 else 0
+        yield ready
+    if fill or skips.pending:  # an empty batch only to deliver skips of a worker with no clips
+        last = emit(fill)
+        last["skipped"] = skips.take()
+        yield last
+
+
+def eval_loader(url, split: str, *, clip_len: int, height: int, width: int, rank: int = 0,
+                world_size: int = 1, num_workers: int = 2, clips_per_batch: int = 32,
+                mean=IMAGENET_MEAN, std=IMAGENET_STD, pin_memory: bool = False) -> DataLoader:
+    """Evaluation stream over ``split`` ("query"/"gallery"/"train") for one rank: dicts
+    ``{"clips": float32 (b, N, 3, H, W), "index": long (b,), "pids", "camids", "skipped": int}``
+    with b <= ``clips_per_batch`` (b == 0 only for a batch that just carries skips).
+
+    Every tracklet belongs to exactly one (rank, worker) (``eval_assignment``) and is seen once:
+    all its frames in order, resized to H x W, cut into consecutive N-frame clips, the last padded
+    by repeating the last frame. Its clips are consecutive within one worker's output; batches of
+    different workers interleave, so use ``index`` (split order, see ``split_counts``) and
+    ``aggregate_embeddings`` rather than arrival order."""
+    for name, v in (("clip_len", clip_len), ("height", height), ("width", width),
+                    ("clips_per_batch", clips_per_batch)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"bad rank {rank} for world_size {world_size}")
+    info = _split(read_manifest(url), split, url)
+    fn = functools.partial(_eval_worker, shards=_shard_urls(url, info), clip_len=clip_len,
+                           height=height, width=width, rank=rank, world_size=world_size,
+                           clips_per_batch=clips_per_batch, mean=tuple(mean), std=tuple(std))
+    return _make_loader(_WorkerStream(fn), num_workers, pin_memory, 2)
+
+
+def aggregate_embeddings(index: torch.Tensor, emb: torch.Tensor, num_tracklets: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average clip embeddings per tracklet: ``index`` (M,) tracklet of each clip, ``emb`` (M, D).
+
+    Returns ``(feats (num_tracklets, D) float32, seen (num_tracklets,) bool)``; rows of tracklets
+    with no clip (skipped as corrupt, or not gathered) are zero and ``seen`` is False there."""
+    index = torch.as_tensor(index, dtype=torch.long, device=emb.device).reshape(-1)
+    if emb.dim() != 2 or emb.shape[0] != index.numel():
+        raise ValueError(f"need emb (M, D) and index (M,), got {tuple(emb.shape)} and {tuple(index.shape)}")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_tracklets):
+        raise ValueError(f"tracklet index outside 0..{num_tracklets - 1}")
+    sums = torch.zeros(num_tracklets, emb.shape[1], dtype=torch.float32, device=emb.device)
+    sums.index_add_(0, index, emb.float())
+    counts = torch.zeros(num_tracklets, dtype=torch.float32, device=emb.device)
+    counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float32))
+    seen = counts > 0
+    return sums / counts.clamp_min(1).unsqueeze(1), seen

@@ -1,0 +1,495 @@
+"""Streaming loaders (pipeline.stream) against local shards and moto's S3 server.
+
+Shards are written by `_write_dataset`, a small writer that follows the shard contract of
+docs/interfaces.md exactly (tracklet = `<split>_<7-digit index>` with `.json` + `.NNN.jpg` members,
+identities never split across train shards, split order kept, manifest written last).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+import time
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import storage
+from pipeline.stream import (IMAGENET_MEAN, IMAGENET_STD, TarError, aggregate_embeddings,
+                             eval_assignment, eval_loader, iter_samples, iter_tar, read_manifest,
+                             split_counts, train_loader, train_shard_assignment)
+
+H, W = 16, 8
+
+
+# --------------------------------------------------------------------------- fixtures / helpers
+def _jpeg(rng) -> bytes:
+    arr = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _make_tracklets(seed, num_ids, per_id, frames=(1, 9), cams=3):
+    """[{pid, camid, frames}] grouped by identity; per_id may be an int or a list per pid."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for pid in range(num_ids):
+        n = per_id[pid] if isinstance(per_id, (list, tuple)) else per_id
+        for _ in range(n):
+            t = int(rng.integers(frames[0], frames[1] + 1))
+            out.append({"pid": pid, "camid": int(rng.integers(cams)),
+                        "frames": [_jpeg(rng) for _ in range(t)]})
+    return out
+
+
+def _tar_bytes(split, items) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for index, tr in items:
+            key = f"{split}_{index:07d}"
+            meta = {"pid": tr["pid"], "camid": tr["camid"], "dataset": "test", "split": split,
+                    "n_frames": len(tr["frames"]), "index": index, "tracklet": f"t{index}"}
+            members = [(f"{key}.json", json.dumps(meta).encode())]
+            members += [(f"{key}.{i:03d}.jpg", fr) for i, fr in enumerate(tr["frames"])]
+            for name, data in members:
+                ti = tarfile.TarInfo(name)
+                ti.size, ti.mtime = len(data), time.time()  # float mtime -> pax records, like pack
+                tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _write_dataset(url, splits: dict, *, ids_per_shard=2, tracklets_per_shard=3, shard_ids=None):
+    """Write shards + manifest (last). Train: `ids_per_shard` identities a shard, or explicit
+    `shard_ids` (list of pid lists); query/gallery: `tracklets_per_shard` consecutive tracklets."""
+    man = {"format": "sta-reid-shards/1", "dataset": "test", "created": "now", "resize": None,
+           "num_classes": len({t["pid"] for t in splits.get("train", [])}), "splits": {},
+           "skipped": {"corrupt_images": 0, "tracklets_dropped": 0, "examples": []}}
+    for split, tracks in splits.items():
+        items = list(enumerate(tracks))
+        if split == "train":
+            pids = sorted({t["pid"] for t in tracks})
+            groups = shard_ids or [pids[i:i + ids_per_shard] for i in range(0, len(pids), ids_per_shard)]
+            chunks = [[it for it in items if it[1]["pid"] in g] for g in groups]
+        else:
+            chunks = [items[i:i + tracklets_per_shard] for i in range(0, len(items), tracklets_per_shard)]
+        shards = []
+        for n, chunk in enumerate(chunks):
+            name = f"{split}-{n:06d}.tar"
+            data = _tar_bytes(split, chunk)
+            storage.write_bytes(storage.join(url, name), data)
+            shards.append({"name": name, "bytes": len(data), "sha256": "",
+                           "identities": sorted({t["pid"] for _, t in chunk}),
+                           "num_tracklets": len(chunk),
+                           "num_frames": sum(len(t["frames"]) for _, t in chunk)})
+        man["splits"][split] = {"num_tracklets": len(tracks),
+                                "num_identities": len({t["pid"] for t in tracks}),
+                                "num_frames": sum(len(t["frames"]) for t in tracks), "shards": shards}
+    storage.write_bytes(storage.join(url, "manifest.json"), json.dumps(man).encode())
+    return man
+
+
+def _decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _eval_frames(batches, clip_len):
+    """index -> list of clips (N, H, W, 3) uint8 in arrival order, plus total skipped."""
+    per, skipped, meta = defaultdict(list), 0, {}
+    for b in batches:
+        skipped += b["skipped"]
+        u8 = torch.round(b["clips"] * 255).to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
+        assert b["clips"].shape[1:] == (clip_len, 3, H, W)
+        for clip, i, p, c in zip(u8, b["index"].tolist(), b["pids"].tolist(), b["camids"].tolist()):
+            per[i].append(clip)
+            meta[i] = (p, c)
+    return per, meta, skipped
+
+
+def _eval(url, split, **kw):
+    kw = {"clip_len": 4, "height": H, "width": W, "mean": (0, 0, 0), "std": (1, 1, 1), **kw}
+    return list(eval_loader(url, split, **kw))
+
+
+@pytest.fixture(scope="module")
+def eval_set():
+    return {"query": _make_tracklets(1, 4, 1, frames=(1, 10)),
+            "gallery": _make_tracklets(2, 5, 2, frames=(1, 10))}
+
+
+# --------------------------------------------------------------------------- manifest
+def test_read_manifest_missing_and_bad(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"not a dataset \(no manifest.json\)"):
+        read_manifest(str(tmp_path))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="not a sta-reid-shards/1 manifest"):
+        read_manifest(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not a dataset"):
+        train_loader(str(tmp_path / "nothing"), clip_len=2, p=1, k=1, height=H, width=W,
+                     batches_per_epoch=1, epoch=0, seed=0)
+
+
+def test_split_counts(tmp_path, eval_set):
+    _write_dataset(str(tmp_path), eval_set)
+    c = split_counts(str(tmp_path), "gallery")
+    assert c == {"num_tracklets": 10, "num_identities": 5,
+                 "num_frames": sum(len(t["frames"]) for t in eval_set["gallery"]), "num_shards": 4}
+    with pytest.raises(ValueError, match="no 'train' split"):
+        split_counts(str(tmp_path), "train")
+
+
+# --------------------------------------------------------------------------- tar reader
+def test_iter_tar_matches_tarfile_including_long_names_and_empty_members():
+    buf = io.BytesIO()
+    members = [("a.json", b"{}"), ("x" * 150 + ".bin", b"long name"), ("empty.txt", b""),
+               ("d" * 90 + "/" + "y" * 90 + ".jpg", bytes(range(256)) * 5)]
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+            for name, data in members:
+                if fmt == tarfile.USTAR_FORMAT and len(name) > 100 and "/" not in name:
+                    continue  # ustar cannot store it (the other long name uses the prefix field)
+                ti = tarfile.TarInfo(name)
+                ti.size, ti.mtime = len(data), 1.5
+                tf.addfile(ti, io.BytesIO(data))
+            d = tarfile.TarInfo("somedir")
+            d.type = tarfile.DIRTYPE
+            tf.addfile(d)  # not a regular file: skipped
+        raw = buf.getvalue()
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+            ref = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()]
+        assert list(iter_tar(io.BytesIO(raw))) == ref
+        assert len(ref) >= 3
+
+
+def test_iter_tar_detects_truncation_and_corruption():
+    raw = _tar_bytes("train", [(0, {"pid": 0, "camid": 0, "frames": [b"\xff\xd8" + b"1" * 700]})])
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        ms = tf.getmembers()
+        first_end = ms[0].offset_data + 512  # json data fits one block
+        last_end = ms[-1].offset_data + -(-ms[-1].size // 512) * 512
+    # inside a header, inside data, at member boundaries (no end-of-archive block)
+    for cut in (100, first_end - 10, first_end, first_end + 512 + 100, last_end):
+        with pytest.raises(TarError, match="truncated"):
+            list(iter_tar(io.BytesIO(raw[:cut])))
+    bad = bytearray(raw)
+    bad[first_end + 10] ^= 0xFF  # inside the next header (its pax record header)
+    with pytest.raises(TarError, match="corrupt"):
+        list(iter_tar(io.BytesIO(bytes(bad))))
+
+
+# --------------------------------------------------------------------------- evaluation stream
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_eval_round_trip_local(tmp_path, eval_set, num_workers):
+    url = str(tmp_path)
+    _write_dataset(url, eval_set)
+    for split in ("query", "gallery"):
+        batches = _eval(url, split, num_workers=num_workers, clips_per_batch=3)
+        assert all(0 < len(b["clips"]) <= 3 for b in batches)
+        per, meta, skipped = _eval_frames(batches, 4)
+        assert skipped == 0
+        tracks = eval_set[split]
+        assert sorted(per) == list(range(len(tracks)))
+        for i, tr in enumerate(tracks):
+            T = len(tr["frames"])
+            clips = np.concatenate(per[i])  # (n_clips*N, H, W, 3)
+            assert len(per[i]) == math.ceil(T / 4)
+            src = np.stack([_decode(f) for f in tr["frames"]])
+            np.testing.assert_array_equal(clips[:T], src)  # every frame, in order, exact pixels
+            np.testing.assert_array_equal(clips[T:], np.repeat(src[-1:], len(clips) - T, 0))  # padding
+            assert meta[i] == (tr["pid"], tr["camid"])
+
+
+def test_raw_samples_are_byte_equal(tmp_path, eval_set):
+    url = str(tmp_path)
+    man = _write_dataset(url, eval_set)
+    got = []
+    for sh in man["splits"]["gallery"]["shards"]:
+        got += [(meta, frames) for _, meta, frames in iter_samples(storage.join(url, sh["name"]))]
+    assert [m["index"] for m, _ in got] == list(range(len(eval_set["gallery"])))
+    for (meta, frames), tr in zip(got, eval_set["gallery"]):
+        assert frames == tr["frames"] and meta["pid"] == tr["pid"] and meta["n_frames"] == len(frames)
+
+
+def test_eval_round_trip_s3(s3_bucket, eval_set):
+    url = f"s3://{s3_bucket}/ds"
+    _write_dataset(url, eval_set)
+    per, meta, skipped = _eval_frames(_eval(url, "gallery", num_workers=2, clips_per_batch=5), 4)
+    assert skipped == 0 and sorted(per) == list(range(len(eval_set["gallery"])))
+    for i, tr in enumerate(eval_set["gallery"]):
+        src = np.stack([_decode(f) for f in tr["frames"]])
+        np.testing.assert_array_equal(np.concatenate(per[i])[:len(src)], src)
+
+
+@pytest.mark.parametrize("tracklets_per_shard", [1, 4])  # 10 shards (>= 4 slots) and 3 shards (<)
+def test_eval_disjoint_and_complete_over_ranks(tmp_path, eval_set, tracklets_per_shard):
+    url = str(tmp_path)
+    man = _write_dataset(url, eval_set, tracklets_per_shard=tracklets_per_shard)
+    names = [s["name"] for s in man["splits"]["gallery"]["shards"]]
+    units = [u for r in range(2) for w in range(2)
+             for u in eval_assignment(names, rank=r, world_size=2, worker=w, num_workers=2)]
+    assert all(len(eval_assignment(names, rank=r, world_size=2, worker=w, num_workers=2)) > 0
+               for r in range(2) for w in range(2))
+    assert len(units) == len(set(units))
+    parts = units[0][2]
+    assert {(s, q) for s, q, _ in units} == {(s, q) for s in names for q in range(parts)}
+    seen = []
+    for rank in range(2):
+        per, _, skipped = _eval_frames(_eval(url, "gallery", rank=rank, world_size=2, num_workers=2), 4)
+        assert skipped == 0 and per
+        seen.append(set(per))
+        for i, clips in per.items():
+            assert len(clips) == math.ceil(len(eval_set["gallery"][i]["frames"]) / 4)  # exactly once
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(len(eval_set["gallery"])))
+
+
+def _corrupt_dataset(url, tracks, split, bad_index, trunc_shard, tracklets_per_shard):
+    """Replace one tracklet's frame 0 by garbage and cut one shard in the middle of a sample."""
+    tracks = [dict(t) for t in tracks]
+    tracks[bad_index]["frames"] = [b"\xff\xd8garbage"] + tracks[bad_index]["frames"][1:]
+    man = _write_dataset(url, {split: tracks}, tracklets_per_shard=tracklets_per_shard)
+    sh = man["splits"][split]["shards"][trunc_shard]
+    surl = storage.join(url, sh["name"])
+    raw = storage.read_bytes(surl)
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        keys = [m for m in tf.getmembers() if m.name.endswith(".json")]
+        cut = keys[1].offset_data + 700  # inside the 2nd sample of the shard
+    storage.write_bytes(surl, raw[:cut])
+    return tracks, man
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(1, 0), (2, 2)])
+def test_eval_corrupt_jpeg_and_truncated_tar_are_counted(tmp_path, eval_set, world_size, num_workers):
+    url = str(tmp_path)
+    tracks, man = _corrupt_dataset(url, eval_set["gallery"], "gallery", bad_index=1,
+                                   trunc_shard=2, tracklets_per_shard=3)
+    lost = {1} | {7, 8}  # garbage frame; shard 2 = tracklets 6, 7, 8 cut inside tracklet 7
+    seen, skipped = set(), 0
+    for rank in range(world_size):
+        per, _, sk = _eval_frames(_eval(url, "gallery", rank=rank, world_size=world_size,
+                                        num_workers=num_workers), 4)
+        assert not seen & set(per)
+        seen |= set(per)
+        skipped += sk
+    assert seen == set(range(len(tracks))) - lost
+    assert skipped == 2  # one corrupt sample + one truncated shard, each counted exactly once
+
+
+def test_eval_bad_json_and_frame_count_are_counted(tmp_path, eval_set):
+    url = str(tmp_path)
+    tracks = [dict(t) for t in eval_set["query"]]
+    _write_dataset(url, {"query": tracks}, tracklets_per_shard=10)
+    raw = storage.read_bytes(storage.join(url, "query-000000.tar"))
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as src, tarfile.open(fileobj=out, mode="w") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            if m.name == "query_0000000.json":
+                data = b"{not json"
+            if m.name == "query_0000002.000.jpg":
+                continue  # frame missing: n_frames disagrees
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    storage.write_bytes(storage.join(url, "query-000000.tar"), out.getvalue())
+    per, _, skipped = _eval_frames(_eval(url, "query", num_workers=0), 4)
+    assert sorted(per) == [1, 3] and skipped == 2
+
+
+def test_eval_missing_shard_counted(tmp_path, eval_set):
+    url = str(tmp_path)
+    _write_dataset(url, {"gallery": eval_set["gallery"]}, tracklets_per_shard=5)
+    storage.remove(storage.join(url, "gallery-000001.tar"))
+    per, _, skipped = _eval_frames(_eval(url, "gallery", num_workers=0), 4)
+    assert sorted(per) == [0, 1, 2, 3, 4] and skipped == 1
+
+
+def test_aggregate_embeddings():
+    index = torch.tensor([2, 0, 2, 2])
+    emb = torch.tensor([[1.0, 0.0], [4.0, 4.0], [3.0, 0.0], [2.0, 3.0]])
+    feats, seen = aggregate_embeddings(index, emb, 4)
+    torch.testing.assert_close(feats, torch.tensor([[4.0, 4.0], [0, 0], [2.0, 1.0], [0, 0]]))
+    assert seen.tolist() == [True, False, True, False]
+    with pytest.raises(ValueError):
+        aggregate_embeddings(torch.tensor([5]), emb[:1], 4)
+
+
+# --------------------------------------------------------------------------- training stream
+TRAIN_KW = dict(clip_len=4, height=H, width=W, seed=7)
+
+
+@pytest.fixture(scope="module")
+def train_dir(tmp_path_factory):
+    """12 identities in 6 uneven shards (1-3 ids each); pid 5 has a single tracklet."""
+    url = str(tmp_path_factory.mktemp("train"))
+    per_id = [3, 2, 4, 1, 2, 1, 3, 2, 2, 5, 2, 3]
+    tracks = _make_tracklets(3, 12, per_id, frames=(2, 12))
+    _write_dataset(url, {"train": tracks}, shard_ids=[[0], [1, 2, 3], [4, 5], [6, 7, 8], [9], [10, 11]])
+    return url, tracks
+
+
+def _run_train(url, **kw):
+    kw = {**TRAIN_KW, "p": 3, "k": 2, "batches_per_epoch": 4, "epoch": 0, "num_workers": 0, **kw}
+    return list(train_loader(url, **kw))
+
+
+def test_train_pk_batches(train_dir):
+    url, tracks = train_dir
+    pid_cams = defaultdict(set)
+    for t in tracks:
+        pid_cams[t["pid"]].add(t["camid"])
+    batches = _run_train(url, p=4, k=3, batches_per_epoch=6, num_workers=2, random_erasing=0.5)
+    assert len(batches) == 6
+    for b in batches:
+        assert b["clips"].shape == (12, 4, 3, H, W) and b["clips"].dtype == torch.float32
+        assert b["pids"].dtype == torch.long and b["camids"].dtype == torch.long
+        counts = Counter(b["pids"].tolist())
+        assert len(counts) == 4 and set(counts.values()) == {3}  # P distinct ids x K each
+        assert all(c in pid_cams[p] for p, c in zip(b["pids"].tolist(), b["camids"].tolist()))
+        assert b["skipped"] == 0 and torch.isfinite(b["clips"]).all()
+    # ImageNet-normalised uniform noise: values span roughly [-2.1, 2.6]
+    allc = torch.cat([b["clips"] for b in batches])
+    assert -2.2 < allc.min() < -1.5 and 2.0 < allc.max() < 2.7
+
+
+def test_train_clips_are_sampled_frames_in_order(train_dir):
+    url, tracks = train_dir
+    by_pid = defaultdict(list)
+    for t in tracks:
+        by_pid[t["pid"]].append([_decode(f) for f in t["frames"]])
+    b = _run_train(url, hflip=False, mean=(0, 0, 0), std=(1, 1, 1), batches_per_epoch=1)[0]
+    u8 = torch.round(b["clips"] * 255).to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
+    for clip, pid in zip(u8, b["pids"].tolist()):
+        # the clip is N frames of one tracklet of that identity, in temporal order
+        matches = []
+        for frames in by_pid[pid]:
+            pos = [[j for j, f in enumerate(frames) if np.array_equal(f, c)] for c in clip]
+            if all(pos):
+                matches.append(pos)
+        assert matches, "clip frames not found in any tracklet of its identity"
+        pos = matches[0]
+        assert all(min(pos[i]) <= max(pos[i + 1]) for i in range(len(pos) - 1))
+
+
+def test_train_shard_assignment_disjoint_and_resampled():
+    shards = [f"s{i}" for i in range(10)]
+    kw = dict(seed=3, world_size=2, num_workers=2)
+    for epoch in range(3):
+        sets = [set(train_shard_assignment(shards, epoch=epoch, rank=r, worker=w, **kw))
+                for r in range(2) for w in range(2)]
+        assert sum(map(len, sets)) == 10 and set().union(*sets) == set(shards)  # disjoint, complete
+    a = train_shard_assignment(shards, epoch=0, rank=1, worker=0, **kw)
+    assert a == train_shard_assignment(shards, epoch=0, rank=1, worker=0, **kw)  # pure
+    assert a != train_shard_assignment(shards, epoch=1, rank=1, worker=0, **kw)  # new epoch
+    assert a != train_shard_assignment(shards, epoch=0, rank=1, worker=0, round=1, **kw)  # resample
+    few = [train_shard_assignment(shards[:3], epoch=0, rank=r, worker=w, **kw)
+           for r in range(2) for w in range(2)]
+    assert all(len(f) >= 1 for f in few)  # fewer shards than slots: everyone still reads
+
+
+def test_train_two_ranks_two_workers_read_their_own_shards(tmp_path):
+    url = str(tmp_path)
+    tracks = _make_tracklets(5, 16, 2, frames=(2, 5))
+    man = _write_dataset(url, {"train": tracks}, ids_per_shard=2)  # 8 shards, 2 per slot
+    shard_of = {pid: s["name"] for s in man["splits"]["train"]["shards"] for pid in s["identities"]}
+    names = [s["name"] for s in man["splits"]["train"]["shards"]]
+    seen_shards = {}
+    for rank in range(2):
+        # one batch per worker; P*K = 4 ids = exactly the 2 shards of the worker's round 0
+        batches = _run_train(url, p=4, k=1, batches_per_epoch=2, epoch=2, rank=rank, world_size=2,
+                             num_workers=2)
+        for w, b in enumerate(batches):  # the DataLoader alternates workers: batch w is worker w's
+            got = {shard_of[p] for p in b["pids"].tolist()}
+            want = set(train_shard_assignment(names, seed=7, epoch=2, rank=rank, world_size=2,
+                                              worker=w, num_workers=2))
+            assert got == want
+            seen_shards[(rank, w)] = got
+    all_sets = list(seen_shards.values())
+    assert sum(map(len, all_sets)) == 8 == len(set().union(*all_sets))
+
+
+@pytest.mark.parametrize("batches,workers", [(5, 2), (3, 2), (7, 0), (1, 2)])
+def test_train_epoch_length_exact(train_dir, batches, workers):
+    url, _ = train_dir
+    loader = train_loader(url, **TRAIN_KW, p=2, k=2, batches_per_epoch=batches, epoch=1,
+                          num_workers=workers)
+    assert len(loader) == batches
+    assert len(list(loader)) == batches
+
+
+def test_train_deterministic_from_seed(train_dir):
+    url, _ = train_dir
+    a = _run_train(url, num_workers=2, epoch=3, random_erasing=0.5)
+    b = _run_train(url, num_workers=2, epoch=3, random_erasing=0.5)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x["clips"], y["clips"]) and torch.equal(x["pids"], y["pids"])
+    c = _run_train(url, num_workers=2, epoch=4, random_erasing=0.5)
+    assert any(not torch.equal(x["clips"], y["clips"]) for x, y in zip(a, c))
+    d = _run_train(url, num_workers=2, epoch=3, seed=8, random_erasing=0.5)
+    assert any(not torch.equal(x["clips"], y["clips"]) for x, y in zip(a, d))
+    # in-process equals one worker process
+    e0 = _run_train(url, num_workers=0, epoch=3)
+    e1 = _run_train(url, num_workers=1, epoch=3)
+    for x, y in zip(e0, e1, strict=True):
+        assert torch.equal(x["clips"], y["clips"]) and torch.equal(x["pids"], y["pids"])
+
+
+def test_train_corrupt_jpeg_and_truncated_tar_skipped_and_counted(tmp_path):
+    url = str(tmp_path)
+    tracks = _make_tracklets(6, 8, 2, frames=(2, 6))
+    for t in tracks:
+        if t["pid"] == 0:  # identity 0: every frame of every tracklet is garbage
+            t["frames"] = [b"\xff\xd8garbage"] * len(t["frames"])
+    man = _write_dataset(url, {"train": tracks}, ids_per_shard=2)
+    # cut shard 3 (pids 6, 7) inside pid 6's second tracklet: pid 7 is lost, pid 6 keeps one
+    surl = storage.join(url, man["splits"]["train"]["shards"][3]["name"])
+    raw = storage.read_bytes(surl)
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        js = [m for m in tf.getmembers() if m.name.endswith(".json")]
+    storage.write_bytes(surl, raw[:js[1].offset_data + 600])
+    batches = _run_train(url, p=3, k=2, batches_per_epoch=12, num_workers=2)
+    assert len(batches) == 12
+    pids = Counter(p for b in batches for p in b["pids"].tolist())
+    assert 0 not in pids and 7 not in pids and 6 in pids
+    for b in batches:
+        c = Counter(b["pids"].tolist())
+        assert len(c) == 3 and set(c.values()) == {2}
+    assert sum(b["skipped"] for b in batches) >= 2  # both kinds met; each read of them counts
+
+
+def test_train_skips_exact_single_worker(tmp_path):
+    # one worker, every shard read exactly once in round 0: skipped equals the damage exactly
+    url = str(tmp_path)
+    tracks = _make_tracklets(9, 6, 2, frames=(2, 4))
+    tracks[0]["frames"] = [b"junk"] * len(tracks[0]["frames"])  # pid 0 keeps its 2nd tracklet
+    _write_dataset(url, {"train": tracks}, ids_per_shard=6)  # a single shard
+    batches = _run_train(url, p=6, k=2, batches_per_epoch=1, num_workers=0)
+    b = batches[0]
+    assert Counter(b["pids"].tolist()) == {p: 2 for p in range(6)}
+    assert b["skipped"] == (1 if 0 in b["pids"].tolist() else 0) == 1
+
+
+def test_train_s3(s3_bucket, train_dir):
+    _, tracks = train_dir
+    url = f"s3://{s3_bucket}/train"
+    _write_dataset(url, {"train": tracks}, ids_per_shard=3)
+    batches = _run_train(url, num_workers=2, batches_per_epoch=3)
+    assert len(batches) == 3
+    for b in batches:
+        assert b["clips"].shape == (6, 4, 3, H, W) and len(set(b["pids"].tolist())) == 3
+    local = _run_train(train_dir[0], num_workers=2, batches_per_epoch=3)
+    assert all(b["skipped"] == 0 for b in batches + local)
+
+
+def test_train_rejects_bad_arguments(train_dir):
+    url, _ = train_dir
+    with pytest.raises(ValueError, match="fewer than P"):
+        _run_train(url, p=13)
+    with pytest.raises(ValueError):
+        _run_train(url, clip_len=0)
+    with pytest.raises(ValueError):
+        _run_train(url, rank=2, world_size=2)

@@ -1,0 +1,110 @@
+"""Clip sampling / decoding / augmentation helpers of the streaming loaders."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_frame, erase_box,
+                                 eval_clip_indices, mean_fill, restricted_sample, to_normalized)
+
+
+def _jpeg(arr: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("n_frames,clip_len", [(4, 4), (10, 4), (17, 5), (100, 4), (9, 1)])
+def test_restricted_sample_one_frame_per_chunk_in_order(n_frames, clip_len):
+    rng = np.random.default_rng(0)
+    edges = (np.arange(clip_len + 1) * n_frames) // clip_len
+    seen = set()
+    for _ in range(200):
+        idx = restricted_sample(n_frames, clip_len, rng)
+        assert idx.shape == (clip_len,)
+        assert np.all((idx >= edges[:-1]) & (idx < edges[1:])), (idx, edges)
+        seen.update(idx.tolist())
+    assert seen == set(range(n_frames))  # every frame can be drawn
+
+
+def test_restricted_sample_short_tracklet_keeps_all_frames_in_order():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        idx = restricted_sample(3, 8, rng)
+        assert idx.shape == (8,)
+        assert np.all(np.diff(idx) >= 0)
+        assert set(idx.tolist()) == {0, 1, 2}
+    assert restricted_sample(1, 4, rng).tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError):
+        restricted_sample(0, 4, rng)
+
+
+def test_eval_clip_indices_pads_with_last_frame():
+    assert eval_clip_indices(6, 4).tolist() == [[0, 1, 2, 3], [4, 5, 5, 5]]
+    assert eval_clip_indices(8, 4).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert eval_clip_indices(1, 3).tolist() == [[0, 0, 0]]
+    assert eval_clip_indices(5, 1).tolist() == [[0], [1], [2], [3], [4]]
+
+
+def test_decode_frame_same_size_is_exact_decode():
+    arr = np.random.default_rng(2).integers(0, 256, (32, 16, 3), dtype=np.uint8)
+    data = _jpeg(arr)
+    ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    out = decode_frame(data, 32, 16)
+    assert out.dtype == np.uint8 and out.shape == (32, 16, 3)
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_decode_frame_draft_downscale_close_to_full_resize():
+    # smooth content, so the DCT-domain downscale and a full decode + resize agree closely
+    y, x = np.mgrid[0:128, 0:64]
+    arr = np.stack([y * 2, x * 4, (x + y) % 256], -1).astype(np.uint8)
+    data = _jpeg(arr)
+    out = decode_frame(data, 32, 16)  # 4x smaller: draft kicks in
+    ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((16, 32), Image.BILINEAR))
+    assert out.shape == (32, 16, 3)
+    assert np.abs(out.astype(int) - ref.astype(int)).mean() < 6
+    up = decode_frame(data, 200, 100)  # upscaling works too (no draft)
+    assert up.shape == (200, 100, 3)
+
+
+def test_decode_frame_grayscale_and_png():
+    g = np.full((20, 10), 77, np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(g).save(buf, "PNG")
+    out = decode_frame(buf.getvalue(), 20, 10)
+    assert out.shape == (20, 10, 3) and np.all(out == 77)
+
+
+def test_decode_frame_rejects_garbage_and_truncation():
+    data = _jpeg(np.zeros((32, 16, 3), np.uint8))
+    with pytest.raises((OSError, ValueError, SyntaxError)):
+        decode_frame(b"definitely not an image", 32, 16)
+    with pytest.raises((OSError, ValueError, SyntaxError)):
+        decode_frame(data[: len(data) // 2], 32, 16)
+
+
+def test_to_normalized_matches_reference():
+    frames = np.random.default_rng(3).integers(0, 256, (2, 3, 8, 4, 3), dtype=np.uint8)
+    out = to_normalized(frames, IMAGENET_MEAN, IMAGENET_STD)
+    assert out.shape == (2, 3, 3, 8, 4) and out.dtype == torch.float32
+    ref = (torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float() / 255
+           - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    dst = torch.empty(2, 3, 3, 8, 4)
+    assert to_normalized(frames, (0, 0, 0), (1, 1, 1), out=dst) is dst
+    torch.testing.assert_close(dst * 255, torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float())
+
+
+def test_erase_box_within_bounds_and_mean_fill():
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        box = erase_box(32, 16, rng)
+        assert box is not None
+        y, x, h, w = box
+        assert 0 < h < 32 and 0 < w < 16 and 0 <= y and y + h <= 32 and 0 <= x and x + w <= 16
+    assert mean_fill(IMAGENET_MEAN).tolist() == [124, 116, 104]
