@@ -1,0 +1,461 @@
+"""MLflow experiment tracking: one run handle per training run / Tune trial / evaluation.
+
+Every call goes through an explicit ``MlflowClient(tracking_uri)`` rather than MLflow's global
+"active run" state, so that several Ray Tune trials in one process never log into each other's
+runs. Credentials never reach the store: params, tags and the logged ``config.yaml`` are redacted
+(secret-looking keys → ``***``, ``user:password@`` stripped from URLs, values of secret env vars
+masked). When ``cfg.tracking.enabled`` is false every method is a no-op.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+try:  # the limits MLflow's server enforces (6000 / 8000 characters in 3.x)
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+except ImportError:  # pragma: no cover - older/newer layouts
+    MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH = 6000, 8000
+
+_BATCH_PARAMS = 100  # MAX_PARAMS_TAGS_PER_BATCH
+_BATCH_METRICS = 1000  # MAX_METRICS_PER_BATCH
+REDACTED = "***"
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# Key fragments that mark a value as a credential (matched on the last dotted part, lower case).
+SECRET_KEY_PARTS = ("secret", "password", "passwd", "token", "access_key", "credential", "api_key",
+                    "apikey", "private_key")
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/@\s?#]+)@")
+_QUERY_SECRET = re.compile(r"(?P<key>[?&][^=&#\s]*(?:signature|token|secret|password|credential)"
+                           r"[^=&#\s]*=)[^&#\s]*", re.IGNORECASE)
+# mlflow.pytorch.log_model resolves the tracking/registry URI from process-global state; swapping it
+# is serialised so concurrent trials in one process cannot log a model into the wrong store.
+_GLOBAL_URI_LOCK = threading.Lock()
+
+
+# --------------------------------------------------------------------------- redaction
+
+def is_secret_key(key: str) -> bool:
+    """True when the last dotted part of ``key`` names a credential (``data.aws_secret_key``)."""
+    last = str(key).rsplit(".", 1)[-1].lower()
+    return any(part in last for part in SECRET_KEY_PARTS)
+
+
+def _secret_env_values() -> list[str]:
+    """Values of secret-looking env vars; long enough ones are masked wherever they appear."""
+    return sorted({v for k, v in os.environ.items() if is_secret_key(k) and len(v) >= 8},
+                  key=len, reverse=True)
+
+
+def strip_credentials(text: str) -> str:
+    """Remove ``user:password@`` from URLs, secret query values, and known secret env values."""
+    text = _URL_USERINFO.sub(lambda m: m.group("scheme"), text)
+    text = _QUERY_SECRET.sub(lambda m: m.group("key") + REDACTED, text)
+    for value in _secret_env_values():
+        text = text.replace(value, REDACTED)
+    return text
+
+
+def redact(obj: Any) -> Any:
+    """Deep copy of ``obj`` with secret keys masked and credentials stripped from strings."""
+    if isinstance(obj, Mapping):
+        return {k: REDACTED if is_secret_key(k) and obj[k] not in (None, "") else redact(v)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return strip_credentials(obj)
+    return obj
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _sanitize(mapping: Mapping[str, Any], limit: int) -> dict[str, str]:
+    out = {}
+    for key, value in redact(dict(mapping)).items():
+        out[str(key)] = _truncate(_as_text(value), limit)
+    return out
+
+
+def safe_params(flat: Mapping[str, Any]) -> dict[str, str]:
+    """Flat params ready for MLflow: credentials redacted, lists/dicts as JSON, values truncated.
+
+    Only what is passed in is logged; environment variables are never added.
+    """
+    return _sanitize(flat, MAX_PARAM_VAL_LENGTH)
+
+
+def safe_tags(tags: Mapping[str, Any]) -> dict[str, str]:
+    """Same redaction as :func:`safe_params`, with MLflow's tag length limit."""
+    return _sanitize(tags, MAX_TAG_VAL_LENGTH)
+
+
+# --------------------------------------------------------------------------- store / experiment
+
+def resolve_tracking_uri(uri: Optional[str]) -> str:
+    """Config value, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<abs cwd>/mlflow.db``.
+
+    Relative sqlite paths and plain paths are made absolute, because Ray workers run with another
+    working directory and must log into the same store as the driver.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not uri:
+        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if "://" not in uri and not uri.startswith("databricks"):
+        return str(Path(uri).resolve())
+    return uri
+
+
+def experiment_name(cfg) -> str:
+    """``cfg.tracking.experiment`` or ``sta-<dataset>``."""
+    return cfg.tracking.experiment or f"sta-{cfg.data.dataset}"
+
+
+def _artifact_location(uri: str, name: str) -> Optional[str]:
+    """Artifacts of a sqlite store live beside the db file, not in whichever cwd created the experiment."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None  # servers / other stores pick their own artifact root
+    db = Path(uri[len("sqlite:///"):])
+    safe = re.sub(r"[^A-Za-z0-9_.\-]+", "_", name)
+    return (db.parent / "mlartifacts" / safe).as_uri()
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """Id of experiment ``name``, created if missing (a concurrent create by another worker is fine)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(uri, name))
+    except MlflowException as exc:
+        # Lost a race with another process: the experiment now exists, read it back.
+        exp = client.get_experiment_by_name(name)
+        if exp is None or ("RESOURCE_ALREADY_EXISTS" not in str(exc.error_code)
+                           and "already exists" not in str(exc).lower()):
+            raise
+        return exp.experiment_id
+
+
+# --------------------------------------------------------------------------- tags
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        res = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=os.getcwd())
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def _ray_job_id() -> Optional[str]:
+    # Only look at Ray if something already imported it: importing Ray just to find it idle costs seconds.
+    ray = sys.modules.get("ray")
+    if ray is not None:
+        try:
+            if ray.is_initialized():
+                return str(ray.get_runtime_context().get_job_id())
+        except Exception:  # noqa: BLE001 - an odd Ray state must not break tracking
+            pass
+    return os.environ.get("RAY_JOB_ID") or None
+
+
+def run_tags(cfg, extra: Optional[Mapping[str, Any]] = None) -> dict[str, str]:
+    """Provenance tags: git commit + dirty flag, dataset, shard URL, Ray job, host, user tags."""
+    commit = _git("rev-parse", "HEAD")
+    tags: dict[str, Any] = {
+        "mlflow.source.git.commit": commit or "unknown",
+        "git.dirty": "unknown" if commit is None else
+        str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
+        "dataset": cfg.data.dataset,
+        "data.shards": cfg.data.shards,
+        "host": socket.gethostname(),
+        "model.kind": cfg.model.kind,
+    }
+    job = _ray_job_id()
+    if job:
+        tags["ray.job_id"] = job
+    tags.update(cfg.tracking.tags or {})
+    tags.update(extra or {})
+    return safe_tags(tags)
+
+
+# --------------------------------------------------------------------------- values
+
+def _to_float(key: str, value: Any) -> float:
+    """Python/numpy/torch scalar → float (one-element tensors/arrays only)."""
+    if hasattr(value, "detach"):  # torch tensor
+        if value.numel() != 1:
+            raise ValueError(f"metric {key}: expected a scalar tensor, got shape {tuple(value.shape)}")
+        return float(value.detach().cpu().item())
+    if hasattr(value, "item") and getattr(value, "size", 1) == 1:  # numpy scalar / 0-d array
+        return float(value.item())
+    if isinstance(value, (int, float)):
+        return float(value)
+    raise TypeError(f"metric {key}: expected a number, got {type(value).__name__}")
+
+
+@contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """Temporarily point MLflow's process-global tracking URI at ``uri`` and restore it exactly."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    with _GLOBAL_URI_LOCK:
+        saved_uri = tracking_utils._tracking_uri
+        saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(saved_uri)  # None also unsets the env var...
+            if saved_env is not None:  # ...so put back a URI the user had exported
+                os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+# --------------------------------------------------------------------------- run handle
+
+class Tracker:
+    """Handle on one MLflow run. ``start`` first; everything is a no-op when tracking is disabled.
+
+    Usable as a context manager: the run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.uri: Optional[str] = None
+        self.run_id: Optional[str] = None
+        self.experiment_id: Optional[str] = None
+        self._client = None
+        self._started = False
+
+    # -- lifecycle
+    def start(self, cfg, *, run_id: Optional[str] = None, parent_run_id: Optional[str] = None,
+              extra_tags: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+        """Create a run (nested under ``parent_run_id`` if given) or resume ``run_id``; returns the id.
+
+        Resuming (after a Ray Train restore the id comes from the checkpoint) reopens the same run
+        as RUNNING and counts the resumes in tag ``resume_count``. Returns None when disabled.
+        """
+        from mlflow import MlflowClient
+
+        if self._started and self.enabled:
+            raise RuntimeError(f"Tracker already started (run {self.run_id}); call end() first")
+        self._started = True
+        self.enabled = bool(cfg.tracking.enabled)
+        if not self.enabled:
+            return None
+        self.uri = resolve_tracking_uri(cfg.tracking.uri)
+        self._client = client = MlflowClient(self.uri)
+        if run_id:
+            run = client.get_run(run_id)  # raises if the id is unknown to this store
+            self.run_id, self.experiment_id = run_id, run.info.experiment_id
+            if run.info.status != "RUNNING":
+                client.update_run(run_id, status="RUNNING")
+            resumes = int(run.data.tags.get("resume_count", "0")) + 1
+            self._set_tags({**safe_tags(dict(extra_tags or {})), "resume_count": str(resumes)})
+            return run_id
+        tags = run_tags(cfg, extra_tags)
+        if parent_run_id:
+            # Children live in the parent's experiment: the UI only nests runs within one experiment.
+            self.experiment_id = client.get_run(parent_run_id).info.experiment_id
+            tags["mlflow.parentRunId"] = parent_run_id
+        else:
+            self.experiment_id = ensure_experiment(self.uri, experiment_name(cfg))
+        run = client.create_run(self.experiment_id, run_name=cfg.tracking.run_name, tags=tags)
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Mark the run FINISHED, FAILED or KILLED; a second ``end`` (or one before ``start``) does nothing."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
+        if self._started and self.enabled:
+            self._client.set_terminated(self.run_id, status=status)
+        self._started = False
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._started:
+            return
+        if exc_type is None:
+            self.end("FINISHED")
+        else:
+            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+    def _active(self) -> bool:
+        if not self._started:
+            raise RuntimeError("Tracker.start() has not been called")
+        return self.enabled
+
+    # -- params / tags / metrics
+    def _set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, v) for k, v in tags.items()]
+        for i in range(0, len(items), _BATCH_PARAMS):
+            self._client.log_batch(self.run_id, tags=items[i:i + _BATCH_PARAMS])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Add or overwrite tags (redacted like params)."""
+        if self._active():
+            self._set_tags(safe_tags(tags))
+
+    def log_params(self, cfg) -> None:
+        """Log ``cfg.flat()`` redacted. On a resumed run, params already stored are not re-sent, and a
+        changed value (MLflow forbids overwriting params) is kept as tag ``param_changed.<key>``."""
+        if not self._active():
+            return
+        from mlflow.entities import Param
+
+        params = safe_params(cfg.flat())
+        existing = self._client.get_run(self.run_id).data.params
+        changed = {k: v for k, v in params.items() if k in existing and existing[k] != v}
+        if changed:
+            log.warning("run %s: config changed on resume for %s; logged as param_changed.* tags",
+                        self.run_id, sorted(changed))
+            self._set_tags({f"param_changed.{k}": _truncate(v, MAX_TAG_VAL_LENGTH) for k, v in changed.items()})
+        items = [Param(k, v) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), _BATCH_PARAMS):
+            self._client.log_batch(self.run_id, params=items[i:i + _BATCH_PARAMS])
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> dict[str, float]:
+        """Log scalar metrics at ``step`` in one batch; non-finite values are skipped with a warning.
+
+        Returns what was logged (as floats).
+        """
+        if not self._active():
+            return {}
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        logged: dict[str, float] = {}
+        for key, value in metrics.items():
+            v = _to_float(key, value)
+            if not math.isfinite(v):
+                log.warning("run %s step %d: metric %s is %s, not logged", self.run_id, step, key, v)
+                continue
+            logged[str(key)] = v
+        items = [Metric(k, v, now, int(step)) for k, v in logged.items()]
+        for i in range(0, len(items), _BATCH_METRICS):
+            self._client.log_batch(self.run_id, metrics=items[i:i + _BATCH_METRICS])
+        return logged
+
+    # -- artifacts
+    def log_artifact(self, path: str | os.PathLike, artifact_path: Optional[str] = None) -> None:
+        """Upload a local file or directory (directory contents go under ``artifact_path``)."""
+        if not self._active():
+            return
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(p)
+        if p.is_dir():
+            self._client.log_artifacts(self.run_id, str(p), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self._active():
+            self._client.log_text(self.run_id, text, artifact_file)
+
+    def log_config(self, cfg) -> None:
+        """The merged config as ``config.yaml`` (credentials redacted; loads with ``load_config``)."""
+        if self._active():
+            self.log_text(yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False), "config.yaml")
+
+    def log_figure(self, fig_or_path: Any, artifact_file: str) -> None:
+        """A matplotlib Figure or an image file on disk, stored as ``artifact_file``."""
+        if not self._active():
+            return
+        if isinstance(fig_or_path, (str, os.PathLike)):
+            src = Path(fig_or_path)
+            if not src.is_file():
+                raise FileNotFoundError(src)
+            folder, name = os.path.split(artifact_file)
+            with tempfile.TemporaryDirectory() as tmp:
+                dst = Path(tmp) / name  # the artifact takes the requested file name
+                shutil.copyfile(src, dst)
+                self._client.log_artifact(self.run_id, str(dst), folder or None)
+        else:
+            self._client.log_figure(self.run_id, fig_or_path, artifact_file)
+
+    def log_model(self, model, cfg, name: str = "model", registered_model: Optional[str] = None):
+        """``mlflow.pytorch.log_model`` of a CPU copy of ``model`` into this run.
+
+        Registered under ``registered_model`` or ``cfg.tracking.registered_model`` when one is set.
+        Returns MLflow's ``ModelInfo`` (``model_uri``, ``registered_model_version``), or None when
+        disabled or ``cfg.tracking.log_model`` is false. Loading needs the model's classes importable
+        (``sta_model`` installed).
+        """
+        if not self._active() or not cfg.tracking.log_model:
+            return None
+        import mlflow.pytorch
+        import torch
+
+        if any(t.device.type != "cpu" for t in list(model.parameters()) + list(model.buffers())):
+            model = copy.deepcopy(model).cpu()  # never move the caller's (training) model
+        registered = registered_model or cfg.tracking.registered_model
+        # Create the LoggedModel ourselves so it lands in this run's experiment (MLflow would
+        # otherwise use the global active experiment).
+        logged = self._client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id)
+        torch_req = f"torch=={torch.__version__.split('+')[0]}"
+        with _global_tracking_uri(self.uri):
+            return mlflow.pytorch.log_model(
+                model, name=name, run_id=self.run_id, model_id=logged.model_id,
+                registered_model_name=registered, pip_requirements=[torch_req],
+                serialization_format="pickle",  # torch.export (pt2) needs example inputs and tensor outputs
+            )
+
+
+def start_run(cfg, **kwargs) -> Tracker:
+    """``Tracker()`` + ``start(cfg, **kwargs)`` in one call."""
+    tracker = Tracker()
+    tracker.start(cfg, **kwargs)
+    return tracker
+
+
+def load_run_metrics(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every metric of a run as ``name -> [(step, value), ...]`` sorted by step then time."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    out = {}
+    for key in client.get_run(run_id).data.metrics:
+        hist = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        out[key] = [(int(m.step), float(m.value)) for m in hist]
+    return out
