@@ -254,7 +254,8 @@ class Tracker:
     Usable as a context manager: the run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cfg=None) -> None:
+        self.cfg = cfg  # default for start(); the worker builds Tracker(cfg) then start(cfg, ...)
         self.enabled = False
         self.uri: Optional[str] = None
         self.run_id: Optional[str] = None
@@ -263,7 +264,7 @@ class Tracker:
         self._started = False
 
     # -- lifecycle
-    def start(self, cfg, *, run_id: Optional[str] = None, parent_run_id: Optional[str] = None,
+    def start(self, cfg=None, *, run_id: Optional[str] = None, parent_run_id: Optional[str] = None,
               extra_tags: Optional[Mapping[str, Any]] = None) -> Optional[str]:
         """Create a run (nested under ``parent_run_id`` if given) or resume ``run_id``; returns the id.
 
@@ -272,6 +273,10 @@ class Tracker:
         """
         from mlflow import MlflowClient
 
+        cfg = cfg if cfg is not None else self.cfg
+        if cfg is None:
+            raise ValueError("Tracker.start needs a config (here or in Tracker(cfg))")
+        self.cfg = cfg
         if self._started and self.enabled:
             raise RuntimeError(f"Tracker already started (run {self.run_id}); call end() first")
         self._started = True

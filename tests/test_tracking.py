@@ -370,6 +370,19 @@ def test_disabled_tracking_writes_nothing(tmp_path, monkeypatch):
 def test_unstarted_tracker_raises():
     with pytest.raises(RuntimeError):
         Tracker().log_metrics({"a": 1.0}, step=0)
+    with pytest.raises(ValueError):
+        Tracker().start()
+
+
+def test_config_given_to_constructor(store):
+    cfg = make_cfg(store)
+    t = Tracker(cfg)
+    run_id = t.start(run_id=None)
+    with pytest.raises(RuntimeError):
+        t.start()  # one run per handle at a time
+    t.end()
+    assert MlflowClient(store).get_run(run_id).info.experiment_id == tracking.ensure_experiment(
+        store, cfg.tracking.experiment)
 
 
 def test_context_manager_marks_failure(store):
