@@ -1,0 +1,150 @@
+"""Speed/memory benchmark of ``evaluate_rank`` and ``re_ranking`` against the plain loop versions.
+
+Synthetic MARS-sized features (1,980 queries x 9,330 gallery, 1024-d, 6 cameras, 625 ids): identity
+centroids plus heavy Gaussian noise, so mAP lands in the middle of [0, 1].
+
+Method: every measurement runs in a fresh subprocess that loads the inputs from .npy files, then
+records ``ru_maxrss`` (peak RSS so far), runs the function once under a wall clock, and records
+``ru_maxrss`` again; "peak MB" is the growth of the peak RSS caused by the call (imports and inputs
+excluded). Outputs go back through .npy files and are compared in the parent.
+
+    python bench/eval_speed.py [--repeats 5] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def make_data(out_dir: str, num_q=1980, num_g=9330, dim=1024, num_ids=625, num_cams=6, noise=2.8, seed=0):
+    rng = np.random.default_rng(seed)
+    centroids = rng.standard_normal((num_ids, dim)).astype(np.float32)
+    q_pids = rng.integers(0, num_ids, num_q)
+    g_pids = rng.integers(0, num_ids, num_g)
+    q_cams = rng.integers(0, num_cams, num_q)
+    g_cams = rng.integers(0, num_cams, num_g)
+    qf = centroids[q_pids] + noise * rng.standard_normal((num_q, dim)).astype(np.float32)
+    gf = centroids[g_pids] + noise * rng.standard_normal((num_g, dim)).astype(np.float32)
+    sq_q, sq_g = (qf ** 2).sum(1), (gf ** 2).sum(1)
+    dist = (sq_q[:, None] + sq_g[None, :] - 2 * qf @ gf.T).astype(np.float32)
+    for name, arr in dict(qf=qf, gf=gf, dist=dist, q_pids=q_pids, g_pids=g_pids, q_cams=q_cams,
+                          g_cams=g_cams).items():
+        np.save(os.path.join(out_dir, name + ".npy"), arr)
+
+
+def worker(task: str, data_dir: str, out_path: str) -> None:
+    """Run one measurement in this (fresh) process; print a JSON line."""
+    sys.path[:0] = [ROOT, HERE]
+    ld = lambda n: np.load(os.path.join(data_dir, n + ".npy"))  # noqa: E731
+    if task.startswith("eval"):
+        args = (ld("dist"), ld("q_pids"), ld("g_pids"), ld("q_cams"), ld("g_cams"))
+        if task == "eval_vec":
+            from sta_model.metrics import evaluate_rank as fn
+        else:
+            from _loop_baselines import eval_rank_loop as fn
+    else:
+        args = (ld("qf"), ld("gf"))
+        if task == "rerank_vec":
+            from sta_model.rerank import re_ranking as fn
+        else:
+            from _loop_baselines import re_ranking_loop as fn
+        import torch  # noqa: F401  (import cost outside the measurement for both)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    out = fn(*args)
+    seconds = time.perf_counter() - t0
+    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    if task.startswith("eval"):
+        np.save(out_path, np.concatenate([out[0].astype(np.float64), [out[1]]]))
+    else:
+        np.save(out_path, out)
+    print(json.dumps({"seconds": seconds, "peak_mb": peak_mb}))
+
+
+def measure(task: str, data_dir: str, out_path: str) -> dict:
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", task, "--_data", data_dir,
+                          "--_out", out_path], capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--json", default=None, help="write the result rows here")
+    ap.add_argument("--noise", type=float, default=2.8)
+    ap.add_argument("--_worker"), ap.add_argument("--_data"), ap.add_argument("--_out")
+    a = ap.parse_args()
+    if a._worker:
+        return worker(a._worker, a._data, a._out)
+
+    sys.path[:0] = [ROOT]
+    from sta_model.metrics import evaluate_rank
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_data(tmp, noise=a.noise)
+        ld = lambda n: np.load(os.path.join(tmp, n + ".npy"))  # noqa: E731
+        labels = (ld("q_pids"), ld("g_pids"), ld("q_cams"), ld("g_cams"))
+        rows = []
+        for what in ("eval", "rerank"):
+            runs = {"vec": [], "loop": []}
+            for r in range(a.repeats):
+                for impl in ("vec", "loop"):
+                    m = measure(f"{what}_{impl}", tmp, os.path.join(tmp, f"{what}_{impl}.npy"))
+                    runs[impl].append(m)
+                    print(f"  {what:6s} {impl:4s} run {r + 1}/{a.repeats}: {m['seconds']:.3f} s, "
+                          f"peak +{m['peak_mb']:.0f} MB", flush=True)
+            vec, loop = np.load(os.path.join(tmp, f"{what}_vec.npy")), np.load(os.path.join(tmp, f"{what}_loop.npy"))
+            ratios = [lo["seconds"] / v["seconds"] for v, lo in zip(runs["vec"], runs["loop"])]
+            row = {"name": what, "repeats": a.repeats,
+                   "vec_s": [m["seconds"] for m in runs["vec"]], "loop_s": [m["seconds"] for m in runs["loop"]],
+                   "vec_peak_mb": max(m["peak_mb"] for m in runs["vec"]),
+                   "loop_peak_mb": max(m["peak_mb"] for m in runs["loop"]),
+                   "ratio_min": min(ratios), "ratio_median": statistics.median(ratios), "ratio_max": max(ratios)}
+            if what == "eval":
+                row.update(cmc_max_abs_diff=float(np.abs(vec[:-1] - loop[:-1]).max()),
+                           map_abs_diff=float(abs(vec[-1] - loop[-1])), mAP=float(vec[-1]),
+                           rank1=float(vec[0]), agree=bool(np.array_equal(vec[:-1], loop[:-1])))
+            else:
+                cmc_v, map_v = evaluate_rank(vec, *labels)
+                cmc_l, map_l = evaluate_rank(loop, *labels)
+                same_rank = np.mean([np.array_equal(np.argsort(vec[i], kind="stable"),
+                                                    np.argsort(loop[i], kind="stable"))
+                                     for i in range(0, vec.shape[0], 10)])
+                row.update(max_abs_diff=float(np.abs(vec - loop).max()), mAP=float(map_v),
+                           mAP_loop=float(map_l), rank1=float(cmc_v[0]), rank1_loop=float(cmc_l[0]),
+                           identical_row_order_frac=float(same_rank),
+                           agree=bool(np.array_equal(cmc_v, cmc_l) and map_v == map_l))
+            rows.append(row)
+
+    import torch
+    print(f"\nMARS-size synthetic (1980 x 9330, 1024-d), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, repeats={a.repeats}")
+    print(f"{'task':7s} {'vec s (med)':>11s} {'loop s (med)':>12s} {'speedup min/med/max':>22s} "
+          f"{'vec MB':>7s} {'loop MB':>8s}  agreement")
+    for r in rows:
+        agree = (f"cmc diff {r['cmc_max_abs_diff']:.1e}, mAP diff {r['map_abs_diff']:.1e}, mAP {r['mAP']:.4f}"
+                 if r["name"] == "eval" else
+                 f"max|diff| {r['max_abs_diff']:.1e}, same order {100 * r['identical_row_order_frac']:.0f}% rows, "
+                 f"mAP {r['mAP']:.4f} vs {r['mAP_loop']:.4f}")
+        print(f"{r['name']:7s} {statistics.median(r['vec_s']):11.3f} {statistics.median(r['loop_s']):12.3f} "
+              f"{r['ratio_min']:6.1f}/{r['ratio_median']:5.1f}/{r['ratio_max']:5.1f}x "
+              f"{r['vec_peak_mb']:7.0f} {r['loop_peak_mb']:8.0f}  {agree}; agree={r['agree']}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"benchmark": "eval_speed", "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

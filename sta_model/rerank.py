@@ -1,0 +1,180 @@
+"""k-reciprocal re-ranking (Zhong et al., CVPR 2017), sparse and blocked.
+
+Same algorithm as the public ``re_ranking.py`` used by torchreid/fast-reid:
+
+1. ``original_dist``: squared Euclidean distances of all q+g features (not clamped, as in the
+   original), each row divided by its maximum (the original divides by the column max and
+   transposes, the same thing for a symmetric matrix).
+2. For each item i: k-reciprocal set R(i) of its ``k1 + 1`` nearest neighbours; every c in R(i)
+   whose own ``round(k1/2) + 1``-reciprocal set R'(c) has more than 2/3 of its members in R(i)
+   adds R'(c); the union gets weights ``exp(-original_dist)`` normalised to sum 1 -> row i of V.
+3. Local query expansion: V[i] = mean of V over the ``k2`` nearest neighbours of i.
+4. Jaccard distance ``1 - t / (2 - t)`` with ``t = sum_k min(V[i,k], V[j,k])``;
+   ``final = (1 - lambda) * jaccard + lambda * original_dist``, query rows x gallery columns.
+
+Memory: only row blocks of the distance matrix exist at a time; V (at most about k1 * 1.5 nonzeros
+per row before expansion) is kept as CSR/CSC index/value arrays; Jaccard sums are scattered for
+blocks of queries. Everything is float32; rankings use ``topk`` (ties, which the original leaves to
+an unstable argsort, may be ordered differently).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _as_float32(x) -> torch.Tensor:
+    t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    return t.float().contiguous()
+
+
+def _pass_distances(x: torch.Tensor, nq: int, k1: int, block_rows: int):
+    """Top ``k1 + 1`` neighbours and row maxima of all rows; normalised query x gallery block."""
+    N = x.shape[0]
+    sq = x.pow(2).sum(1)
+    top = torch.empty(N, k1 + 1, dtype=torch.long)
+    rowmax = torch.empty(N)
+    orig_qg = torch.empty(nq, N - nq)
+    for s in range(0, N, block_rows):
+        e = min(N, s + block_rows)
+        d = torch.addmm(sq[s:e, None] + sq[None, :], x[s:e], x.t(), beta=1, alpha=-2)
+        rowmax[s:e] = d.amax(1)
+        top[s:e] = d.topk(k1 + 1, dim=1, largest=False, sorted=True).indices
+        if s < nq:
+            qe = min(e, nq)
+            orig_qg[s:qe] = d[: qe - s, nq:] / rowmax[s:qe, None]
+    return sq, top, rowmax, orig_qg
+
+
+def _reciprocal(top: torch.Tensor) -> torch.Tensor:
+    """``mask[i, a]``: i is among the neighbours (same width) of its neighbour ``top[i, a]``."""
+    ar = torch.arange(top.shape[0])[:, None, None]
+    return (top[top] == ar).any(-1)
+
+
+def _expansion_sets(top: torch.Tensor, k1: int, block_rows: int):
+    """CSR (rows, cols) of the k-reciprocal expansion sets, columns ascending within a row."""
+    N = top.shape[0]
+    kh = int(np.around(k1 / 2))
+    R = _reciprocal(top)
+    toph = top[:, :kh + 1].contiguous()
+    Rh = _reciprocal(toph)
+    rows, cols = [], []
+    for s in range(0, N, block_rows):
+        e = min(N, s + block_rows)
+        ti, Ri = top[s:e], R[s:e]
+        cand, cmask = toph[ti], Rh[ti]  # (b, k1+1, kh+1): R'(c) for every neighbour c
+        in_R = ((cand[..., None] == ti[:, None, None, :]) & Ri[:, None, None, :]).any(-1)
+        inter = (in_R & cmask).sum(-1)
+        size = cmask.sum(-1)
+        # Same float comparison as the original: len(intersection) > 2/3 * len(R'(c)).
+        keep = Ri & (inter.double() > 2 / 3 * size.double())
+        idx = torch.cat([ti.masked_fill(~Ri, N),
+                         cand.masked_fill(~(cmask & keep[..., None]), N).flatten(1)], 1)
+        idx = idx.sort(1).values
+        valid = idx < N
+        valid[:, 1:] &= idx[:, 1:] != idx[:, :-1]  # drop repeats (np.unique)
+        r, c = valid.nonzero(as_tuple=True)
+        rows.append(r + s)
+        cols.append(idx[r, c])
+    return torch.cat(rows), torch.cat(cols)
+
+
+def _pair_sqdist(x: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                 chunk: int = 1 << 14) -> torch.Tensor:
+    out = torch.empty(rows.numel())
+    for s in range(0, rows.numel(), chunk):
+        r, c = rows[s:s + chunk], cols[s:s + chunk]
+        out[s:s + chunk] = sq[r] + sq[c] - 2 * (x[r] * x[c]).sum(1)
+    return out
+
+
+def _segments(starts: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """Concatenation of ``arange(starts[t], starts[t] + lens[t])`` over t."""
+    total = int(lens.sum())
+    offs = torch.cumsum(lens, 0) - lens
+    return torch.repeat_interleave(starts - offs, lens, output_size=total) + torch.arange(total)
+
+
+def _query_expansion(rows, cols, vals, nbr: torch.Tensor, N: int, block_rows: int):
+    """CSR of ``V_qe[i] = mean_t V[nbr[i, t]]``."""
+    k2 = nbr.shape[1]
+    cnt = torch.bincount(rows, minlength=N)
+    ptr = torch.cumsum(cnt, 0) - cnt
+    out_r, out_c, out_v = [], [], []
+    for s in range(0, N, block_rows):
+        e = min(N, s + block_rows)
+        nb = nbr[s:e].reshape(-1)
+        lens = cnt[nb]
+        pos = _segments(ptr[nb], lens)
+        owner = torch.repeat_interleave(torch.arange(s, e).repeat_interleave(k2), lens, output_size=pos.numel())
+        keys, inv = torch.unique(owner * N + cols[pos], return_inverse=True)
+        summed = torch.zeros(keys.numel()).index_add_(0, inv, vals[pos])
+        out_r.append(keys // N)
+        out_c.append(keys % N)
+        out_v.append(summed / k2)
+    return torch.cat(out_r), torch.cat(out_c), torch.cat(out_v)
+
+
+def re_ranking(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+               block_rows: int = 512, pair_budget: int = 1 << 22) -> np.ndarray:
+    """k-reciprocal re-ranked distances between queries and gallery.
+
+    Args:
+        q_feat (np.ndarray or torch.Tensor): ``(num_q, d)`` query features.
+        g_feat (np.ndarray or torch.Tensor): ``(num_g, d)`` gallery features.
+        k1 (int): k of the k-reciprocal sets (20).
+        k2 (int): neighbours of the local query expansion (6; 1 disables it).
+        lambda_value (float): weight of the original distance (0.3).
+        block_rows (int): rows per block of the distance pass (memory ~ block_rows * N * 8 bytes).
+        pair_budget (int): (query nonzero, gallery nonzero) pairs per Jaccard block.
+
+    Returns:
+        np.ndarray: ``(num_q, num_g)`` float32 distances.
+    """
+    q, g = _as_float32(q_feat), _as_float32(g_feat)
+    if q.dim() != 2 or g.dim() != 2 or q.shape[1] != g.shape[1]:
+        raise ValueError(f"expected (num_q, d) and (num_g, d) features, got {tuple(q.shape)}, {tuple(g.shape)}")
+    nq, ng = q.shape[0], g.shape[0]
+    x = torch.cat([q, g])
+    N = x.shape[0]
+    if not (1 <= k1 < N and 1 <= k2 <= k1 + 1):
+        raise ValueError(f"need 1 <= k1 < num_q + num_g ({N}) and 1 <= k2 <= k1 + 1, got k1={k1}, k2={k2}")
+
+    sq, top, rowmax, final = _pass_distances(x, nq, k1, block_rows)
+
+    rows, cols = _expansion_sets(top, k1, block_rows)
+    w = torch.exp(-_pair_sqdist(x, sq, rows, cols) / rowmax[rows])
+    vals = w / torch.zeros(N).index_add_(0, rows, w)[rows]
+    if k2 != 1:
+        rows, cols, vals = _query_expansion(rows, cols, vals, top[:, :k2], N, block_rows)
+
+    # CSC of V restricted to gallery rows (only gallery columns of the result are needed).
+    gal = rows >= nq
+    order = torch.argsort(cols[gal] * N + rows[gal])
+    c_rows, c_cols, c_vals = rows[gal][order] - nq, cols[gal][order], vals[gal][order]
+    c_cnt = torch.bincount(c_cols, minlength=N)
+    c_ptr = torch.cumsum(c_cnt, 0) - c_cnt
+
+    # Query rows of V (CSR is row-major, so they come first) and their pair counts.
+    n_qnz = int((rows < nq).sum())
+    q_rows, q_cols, q_vals = rows[:n_qnz], cols[:n_qnz], vals[:n_qnz]
+    lens = c_cnt[q_cols]
+    row_pairs = torch.zeros(nq, dtype=torch.long).index_add_(0, q_rows, lens)
+    row_end = torch.cumsum(row_pairs, 0)
+    entry_end = torch.cumsum(torch.bincount(q_rows, minlength=nq), 0)
+    s = 0
+    while s < nq:
+        done = int(row_end[s - 1]) if s else 0
+        e = max(s + 1, int(torch.searchsorted(row_end, done + pair_budget, right=True)))
+        e = min(e, nq)
+        a, b = (int(entry_end[s - 1]) if s else 0), int(entry_end[e - 1])
+        ln = lens[a:b]
+        pos = _segments(c_ptr[q_cols[a:b]], ln)
+        m = torch.minimum(torch.repeat_interleave(q_vals[a:b], ln, output_size=pos.numel()), c_vals[pos])
+        tgt = torch.repeat_interleave(q_rows[a:b] - s, ln, output_size=pos.numel()) * ng + c_rows[pos]
+        t = torch.zeros((e - s) * ng).index_add_(0, tgt, m).view(e - s, ng)
+        jaccard = 1 - t / (2 - t)
+        final[s:e].mul_(lambda_value).add_(jaccard, alpha=1 - lambda_value)
+        s = e
+    return final.numpy()
