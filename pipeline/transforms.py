@@ -1,8 +1,9 @@
 """Clip sampling and clip-consistent augmentation for the streaming loaders (pure functions).
 
-Frames travel as uint8 ``(H, W, 3)`` arrays until a whole batch is assembled; the batch is then
-turned into normalised float32 ``(B, N, 3, H, W)`` in one torch op (``to_normalized``), which is
-much cheaper than per-frame ToTensor + Normalize.
+Frames travel as uint8 ``(H, W, 3)`` arrays, batches as uint8 ``(B, N, H, W, 3)`` (4x less to move
+between processes or to a GPU than float32); ``normalize_clips`` turns a whole batch into
+normalised float32 ``(B, N, 3, H, W)`` in two vectorised passes, on any device, which is much
+cheaper than per-frame ToTensor + Normalize.
 """
 from __future__ import annotations
 
@@ -44,13 +45,13 @@ def eval_clip_indices(n_frames: int, clip_len: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- decoding
-def decode_frame(data: bytes, height: int, width: int) -> np.ndarray:
+def decode_frame(data: bytes, height: int, width: int, flip: bool = False) -> np.ndarray:
     """Decode an encoded image to RGB uint8 ``(height, width, 3)``.
 
     JPEGs use libjpeg's DCT-domain downscaling (``Image.draft``) when the target is at most half
     the stored size on both axes (draft never goes below the requested size), then a bilinear
     resize to the exact target; no resize at all when the stored size already matches.
-    Raises ``OSError``/``ValueError`` (from PIL) on undecodable or truncated data."""
+    ``flip`` mirrors it horizontally. Raises ``OSError``/``ValueError`` (from PIL) on undecodable or truncated data."""
     im = Image.open(io.BytesIO(data))
     if im.format == "JPEG" and im.width >= 2 * width and im.height >= 2 * height:
         im.draft("RGB", (width, height))
@@ -60,6 +61,8 @@ def decode_frame(data: bytes, height: int, width: int) -> np.ndarray:
         im.load()
     if im.size != (width, height):
         im = im.resize((width, height), Image.BILINEAR)
+    if flip:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(im)
 
 
@@ -85,18 +88,20 @@ def mean_fill(mean) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- normalisation
-def to_normalized(frames: np.ndarray, mean, std, out: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 ``(..., H, W, 3)`` -> float32 ``(..., 3, H, W)`` with ``(x/255 - mean) / std``.
+def normalize_clips(frames, mean, std, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 ``(..., H, W, 3)`` (numpy or torch, any device) -> float32 ``(..., 3, H, W)`` with
+    ``(x/255 - mean) / std``; ``out`` receives the result when given.
 
-    One fused pass (``x * 1/(255 std) - mean/std``) straight from uint8; ``out`` (e.g. a tensor
-    in shared memory) receives the result when given."""
-    src = torch.from_numpy(np.ascontiguousarray(frames))
+    Measured fastest on CPU among the obvious variants: one strided uint8->float copy into the
+    channel-first layout, then an in-place multiply-add (~4x faster than a broadcast multiply of
+    the permuted uint8 view)."""
+    src = torch.as_tensor(frames)
+    if src.dtype != torch.uint8 or src.shape[-1] != 3:
+        raise ValueError(f"need uint8 (..., H, W, 3), got {src.dtype} {tuple(src.shape)}")
     src = src.movedim(-1, -3)
-    std_t = torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)
-    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    scale = 1.0 / (255.0 * std_t)
-    bias = -mean_t / std_t
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=src.device).view(3, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=src.device).view(3, 1, 1)
     if out is None:
-        out = torch.empty(src.shape, dtype=torch.float32)
-    torch.mul(src, scale, out=out)
-    return out.add_(bias)
+        out = torch.empty(src.shape, dtype=torch.float32, device=src.device)
+    out.copy_(src)
+    return out.mul_(1.0 / (255.0 * std_t)).add_(-mean_t / std_t)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_frame, erase_box,
-                                 eval_clip_indices, mean_fill, restricted_sample, to_normalized)
+                                 eval_clip_indices, mean_fill, restricted_sample, normalize_clips)
 
 
 def _jpeg(arr: np.ndarray, quality: int = 95) -> bytes:
@@ -70,6 +70,8 @@ def test_decode_frame_draft_downscale_close_to_full_resize():
     assert np.abs(out.astype(int) - ref.astype(int)).mean() < 6
     up = decode_frame(data, 200, 100)  # upscaling works too (no draft)
     assert up.shape == (200, 100, 3)
+    flipped = decode_frame(data, 32, 16, flip=True)
+    np.testing.assert_array_equal(flipped, out[:, ::-1])
 
 
 def test_decode_frame_grayscale_and_png():
@@ -88,16 +90,20 @@ def test_decode_frame_rejects_garbage_and_truncation():
         decode_frame(data[: len(data) // 2], 32, 16)
 
 
-def test_to_normalized_matches_reference():
+def test_normalize_clips_matches_reference():
     frames = np.random.default_rng(3).integers(0, 256, (2, 3, 8, 4, 3), dtype=np.uint8)
-    out = to_normalized(frames, IMAGENET_MEAN, IMAGENET_STD)
+    out = normalize_clips(frames, IMAGENET_MEAN, IMAGENET_STD)
     assert out.shape == (2, 3, 3, 8, 4) and out.dtype == torch.float32
     ref = (torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float() / 255
            - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     dst = torch.empty(2, 3, 3, 8, 4)
-    assert to_normalized(frames, (0, 0, 0), (1, 1, 1), out=dst) is dst
+    assert normalize_clips(frames, (0, 0, 0), (1, 1, 1), out=dst) is dst
     torch.testing.assert_close(dst * 255, torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float())
+    torch.testing.assert_close(normalize_clips(torch.from_numpy(frames), IMAGENET_MEAN, IMAGENET_STD), ref,
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        normalize_clips(frames.astype(np.float32), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def test_erase_box_within_bounds_and_mean_fill():
