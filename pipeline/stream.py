@@ -392,6 +392,17 @@ def _train_worker(worker: int, num_workers: int, *, shards, num_ids, num_classes
     skips = _Skips()
     fill = mean_fill(mean)
     pool: dict[int, list] = {}  # pid -> [(meta, frames)], insertion order = read order
+    groups: dict[int, list] = {}  # pid -> its unused K-tracklet groups (indices into pool[pid])
+
+    def make_groups(n: int) -> list:
+        # torchreid's RandomIdentitySampler: floor(n/K) disjoint groups a pass; n < K: one group
+        # drawn with replacement. An identity stays pooled until its groups are used up, so every
+        # tracklet read is used (shards are read whole, reading is not free).
+        if n < k:
+            return [rng.choice(n, k, replace=True)]
+        perm = rng.permutation(n)
+        return [perm[i:i + k] for i in range(0, n - k + 1, k)]
+
     target = min(POOL_FACTOR * p, num_ids)
 
     def assigned(rnd):
@@ -426,6 +437,7 @@ def _train_worker(worker: int, num_workers: int, *, shards, num_ids, num_classes
             new = [pid for pid in got if pid not in pool]  # a pid already pooled is the same data
             for pid in new:
                 pool[pid] = got[pid]
+                groups[pid] = make_groups(len(got[pid]))
             fruitless = 0 if new else fruitless + 1
             if fruitless > 2 * len(shards):  # two rounds brought nothing new: take what we have
                 if len(pool) >= need:  # fewer usable ids than the manifest says: settle
@@ -447,7 +459,7 @@ def _train_worker(worker: int, num_workers: int, *, shards, num_ids, num_classes
         while chosen:
             pid = chosen.pop(0)
             tracks = pool[pid]
-            picks = rng.choice(len(tracks), k, replace=len(tracks) < k)
+            picks = groups[pid][-1]
             ok = True
             for j, t in enumerate(picks):
                 meta, frames = tracks[t]
@@ -460,6 +472,7 @@ def _train_worker(worker: int, num_workers: int, *, shards, num_ids, num_classes
                     skips.add("sample", f"tracklet {meta.get('tracklet', meta['index'])}",
                               f"frame {fi} does not decode ({e})")
                     tracks.pop(t)
+                    groups[pid] = make_groups(len(tracks)) if tracks else []
                     ok = False
                     break
                 if random_erasing > 0 and rng.random() < random_erasing:
@@ -469,13 +482,15 @@ def _train_worker(worker: int, num_workers: int, *, shards, num_ids, num_classes
                         u8[slot + j, :, y:y + h, x:x + w] = fill
                 pids[slot + j], camids[slot + j] = meta["pid"], meta["camid"]
             if ok:
-                del pool[pid]
+                groups[pid].pop()
+                if not groups[pid]:
+                    del pool[pid], groups[pid]
                 slot += k
                 continue
             if tracks:  # redraw this identity from its remaining tracklets
                 chosen.insert(0, pid)
                 continue
-            del pool[pid]  # identity exhausted: replace it by another pooled one
+            del pool[pid], groups[pid]  # identity unusable: replace it by another pooled one
             if not spare:
                 refill(len(chosen) + 1 + slot // k)
                 spare = [q for q in pool if q not in chosen and q not in pids[:slot]]
@@ -497,9 +512,11 @@ def train_loader(url, *, clip_len: int, p: int, k: int, height: int, width: int,
 
     Shards are assigned by ``train_shard_assignment`` (disjoint across ranks x workers within an
     epoch, reshuffled per (seed, epoch), resampled when a worker runs out); batches are split
-    among workers (worker w makes ``B//W + (w < B%W)``). A worker pools >= 4P identities (whole
+    among workers (worker w makes ``B//W + (w < B%W)``). A worker pools up to 4P identities (whole
     identities: train shards never split one) and draws P distinct ones per batch, K tracklets
-    each (with replacement if an identity has fewer than K); a drawn identity leaves the pool.
+    each, like torchreid's RandomIdentitySampler: an identity's tracklets are shuffled into
+    floor(n/K) disjoint groups (one group drawn with replacement if n < K), and the identity stays
+    pooled until its groups are used up.
     Clips: restricted random sampling of N frames, then per clip one horizontal-flip coin and
     (with probability ``random_erasing``) one erased rectangle shared by all its frames, filled
     with the mean. Output is a deterministic function of (seed, epoch, rank, world_size,

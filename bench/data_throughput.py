@@ -1,0 +1,256 @@
+"""Training-data throughput per core: the shard stream vs. a torchreid-style per-file loader.
+
+Data: a synthetic dataset (``pipeline.synthetic``, DukeV layout, JPEG frames) packed into shards
+with ``pipeline.pack``. Cases, all with the same clip sampling (restricted random, N frames),
+clip-consistent flip, resize to the target size and ImageNet normalisation, P x K batches:
+
+* ``stream_local`` -- ``pipeline.stream.train_loader`` over local shards;
+* ``stream_local_u8`` -- the same with ``normalize=False``: uint8 clips, normalisation left to
+  the GPU (``normalize_clips`` after ``.to(device)``), the intended training setup;
+* ``stream_s3``    -- the same as ``stream_local`` over moto's S3 server on 127.0.0.1 (``--s3``; the server runs in a
+  thread of this process, so it also takes CPU of the measuring process);
+* ``per_file``     -- map-style Dataset whose ``__getitem__`` opens each sampled JPEG file with PIL
+  (``Image.open(path).convert("RGB")``, resize, flip, per-frame ToTensor + Normalize, stack),
+  torchreid's RandomIdentitySampler for P x K, default collate;
+* ``raw_decode``   -- ``Image.open(BytesIO(jpeg)).convert("RGB")`` of the same frames from memory
+  in a tight loop in this process: the practical per-core limit.
+
+"Per core": loaders run with ``num_workers=1``: one worker process does all the loading work, the
+main process only receives batches (and, for the float32 stream, converts the uint8 clips the
+worker ships into normalised float32: that conversion overlaps with the worker's decoding). Throughput = batches after the first (worker start-up and
+the first shard reads excluded; the ``total_s`` figure includes them) / wall time. Each case is
+repeated ``--repeats`` times; the median is reported. On a shared machine expect noise.
+
+    python bench/data_throughput.py [--repeats 3] [--json out.json] [--s3]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline import storage  # noqa: E402
+from pipeline.datasets import load_dataset  # noqa: E402
+from pipeline.stream import IMAGENET_MEAN, IMAGENET_STD, train_loader  # noqa: E402
+from pipeline.transforms import restricted_sample  # noqa: E402
+
+
+# --------------------------------------------------------------------------- per-file baseline
+class PerFileClips(Dataset):
+    """torchreid's VideoDataset with restricted random sampling: one PIL open per frame file."""
+
+    def __init__(self, tracklets, clip_len, height, width, mean, std):
+        self.tracklets, self.clip_len, self.size = tracklets, clip_len, (width, height)
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.rng = np.random.default_rng(0)
+
+    def __len__(self):
+        return len(self.tracklets)
+
+    def __getitem__(self, i):
+        t = self.tracklets[i]
+        idx = restricted_sample(len(t.frames), self.clip_len, self.rng)
+        flip = self.rng.random() < 0.5  # one coin per clip
+        out = []
+        for fi in idx:
+            img = Image.open(t.frames[fi]).convert("RGB")
+            if img.size != self.size:
+                img = img.resize(self.size, Image.BILINEAR)
+            if flip:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            # torchvision ToTensor + Normalize, per frame
+            x = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).contiguous()
+            x = x.float().div(255).sub_(self.mean).div_(self.std)
+            out.append(x)
+        return torch.stack(out), t.pid, t.camid
+
+
+class RandomIdentitySampler(Sampler):
+    """torchreid's RandomIdentitySampler (P ids x K instances), repeated to ``num_batches``."""
+
+    def __init__(self, tracklets, p, k, num_batches, seed=0):
+        self.index = defaultdict(list)
+        for i, t in enumerate(tracklets):
+            self.index[t.pid].append(i)
+        self.p, self.k, self.num_batches, self.rnd = p, k, num_batches, random.Random(seed)
+
+    def _one_pass(self):
+        groups = defaultdict(list)
+        for pid, idxs in self.index.items():
+            idxs = list(idxs) if len(idxs) >= self.k else self.rnd.choices(idxs, k=self.k)
+            self.rnd.shuffle(idxs)
+            for j in range(0, len(idxs) - self.k + 1, self.k):
+                groups[pid].append(idxs[j:j + self.k])
+        avail, out = list(groups), []
+        while len(avail) >= self.p:
+            for pid in self.rnd.sample(avail, self.p):
+                out += groups[pid].pop(0)
+                if not groups[pid]:
+                    avail.remove(pid)
+        return out
+
+    def __iter__(self):
+        need, out = self.num_batches * self.p * self.k, []
+        while len(out) < need:
+            out += self._one_pass()
+        return iter(out[:need])
+
+    def __len__(self):
+        return self.num_batches * self.p * self.k
+
+
+# --------------------------------------------------------------------------- timing
+def _time_loader(make, n_batches):
+    t0 = time.perf_counter()
+    it = iter(make())
+    first = next(it)
+    t1 = time.perf_counter()
+    n = 0
+    skipped = int(first.get("skipped", 0)) if isinstance(first, dict) else 0
+    for b in it:
+        n += 1
+        if isinstance(b, dict):
+            skipped += int(b["skipped"])
+    t2 = time.perf_counter()
+    assert n == n_batches - 1, (n, n_batches)
+    return {"steady_s": t2 - t1, "total_s": t2 - t0, "batches": n, "skipped": skipped}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--s3", action="store_true", help="include shards served by moto's S3 server")
+    ap.add_argument("--workdir", default=None, help="keep data here (default: a temp dir)")
+    ap.add_argument("--num-ids", type=int, default=24)
+    ap.add_argument("--tracklets-per-id", type=int, default=4)
+    ap.add_argument("--frames", type=int, nargs=2, default=[16, 64], metavar=("MIN", "MAX"))
+    ap.add_argument("--src-size", type=int, nargs=2, default=[256, 128], metavar=("H", "W"),
+                    help="stored frame size (synthetic generation)")
+    ap.add_argument("--size", type=int, nargs=2, default=[256, 128], metavar=("H", "W"),
+                    help="training clip size")
+    ap.add_argument("--clip-len", type=int, default=4)
+    ap.add_argument("--p", type=int, default=8)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--batches", type=int, default=16)
+    ap.add_argument("--num-workers", type=int, default=1)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+
+    tmp = tempfile.TemporaryDirectory(prefix="sta-bench-data-")
+    work = a.workdir or tmp.name
+    from pipeline import pack as packmod
+    from pipeline import synthetic
+
+    t0 = time.perf_counter()
+    gen = synthetic.generate(os.path.join(work, "synthetic"), num_ids=a.num_ids,
+                             tracklets_per_id=a.tracklets_per_id, frames_per_tracklet=tuple(a.frames),
+                             height=a.src_size[0], width=a.src_size[1], num_test_ids=1, seed=0)
+    t_gen = time.perf_counter() - t0
+    shards_url = os.path.join(work, "shards")
+    man = packmod.pack("synthetic", gen["root"], shards_url, shard_bytes=16 << 20, progress=False)
+    ds = load_dataset("synthetic", gen["root"])
+    train = ds.train
+    H, W = a.size
+    N, P, K, B, nw = a.clip_len, a.p, a.k, a.batches, a.num_workers
+    print(f"data: {len(train)} train tracklets, {sum(len(t.frames) for t in train)} frames "
+          f"{a.src_size[0]}x{a.src_size[1]}, {len(man['splits']['train']['shards'])} train shards "
+          f"(generated in {t_gen:.0f}s); clips {N}x{H}x{W}, P={P} K={K}, {B} batches, "
+          f"num_workers={nw}", flush=True)
+
+    common = dict(clip_len=N, p=P, k=K, height=H, width=W, batches_per_epoch=B, seed=0,
+                  num_workers=nw, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    cases = {
+        "stream_local": lambda r: train_loader(shards_url, epoch=r, **common),
+        "stream_local_u8": lambda r: train_loader(shards_url, epoch=r, normalize=False, **common),
+        "per_file": lambda r: DataLoader(
+            PerFileClips(train, N, H, W, IMAGENET_MEAN, IMAGENET_STD), batch_size=P * K,
+            sampler=RandomIdentitySampler(train, P, K, B, seed=r), num_workers=nw, drop_last=True),
+    }
+    server = None
+    if a.s3:
+        from moto.server import ThreadedMotoServer
+
+        port = _free_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+        server.start()
+        os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
+                          AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        storage.client().create_bucket(Bucket="bench")
+        storage.upload_dir(shards_url, "s3://bench/shards")
+        cases["stream_s3"] = lambda r: train_loader("s3://bench/shards", epoch=r, **common)
+
+    # raw decode of the same frames: all train frames from memory, one process, tight loop
+    blobs = [open(f, "rb").read() for t in train for f in t.frames]
+    sample = blobs[:: max(1, len(blobs) // 2000)]
+
+    results = defaultdict(list)
+    try:
+        for r in range(a.repeats):
+            for name, make in cases.items():
+                res = _time_loader(lambda: make(r), B)
+                clips = res["batches"] * P * K
+                results[name].append({**res, "clips_per_s": clips / res["steady_s"],
+                                      "frames_per_s": clips * N / res["steady_s"]})
+            t = time.perf_counter()
+            for b in sample:
+                Image.open(io.BytesIO(b)).convert("RGB")
+            dt = time.perf_counter() - t
+            results["raw_decode"].append({"frames_per_s": len(sample) / dt,
+                                          "clips_per_s": len(sample) / dt / N})
+    finally:
+        if server is not None:
+            server.stop()
+
+    summary = {name: {"clips_per_s": statistics.median(x["clips_per_s"] for x in runs),
+                      "frames_per_s": statistics.median(x["frames_per_s"] for x in runs),
+                      **({"total_s": statistics.median(x["total_s"] for x in runs),
+                          "skipped": sum(x["skipped"] for x in runs)} if "total_s" in runs[0] else {})}
+               for name, runs in results.items()}
+    print(f"\n{'case':<14}{'clips/s':>10}{'frames/s':>11}{'total_s':>9}   (median of {a.repeats})")
+    for name, s in summary.items():
+        print(f"{name:<14}{s['clips_per_s']:>10.1f}{s['frames_per_s']:>11.1f}"
+              f"{s.get('total_s', float('nan')):>9.2f}")
+    raw = summary["raw_decode"]["frames_per_s"]
+    ratios = {}
+    for name in ("stream_local", "stream_local_u8", "stream_s3"):
+        if name in summary:
+            ratios[f"{name}_vs_per_file"] = summary[name]["frames_per_s"] / summary["per_file"]["frames_per_s"]
+            ratios[f"{name}_vs_raw_decode"] = summary[name]["frames_per_s"] / raw
+    ratios["per_file_vs_raw_decode"] = summary["per_file"]["frames_per_s"] / raw
+    print()
+    for k, v in ratios.items():
+        print(f"{k:<30}{v:6.2f}x")
+    print("targets: stream >= 2.00x per_file, stream >= 0.70x raw_decode")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "summary": summary, "ratios": ratios,
+                       "runs": results, "cpu_count": os.cpu_count()}, f, indent=1)
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
