@@ -44,6 +44,8 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict[str, 
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "steps_per_print": 10**9,  # we log ourselves; keep DeepSpeed's stdout quiet
         "wall_clock_breakdown": False,
+        # Our client optimizer is a plain torch one (fused on GPU); ZeRO partitions it like any other.
+        "zero_allow_untested_optimizer": True,
     }
     if cfg.deepspeed.grad_clip > 0:
         ds["gradient_clipping"] = cfg.deepspeed.grad_clip
@@ -69,7 +71,8 @@ def build_optimizer(cfg: Config, params, use_gpu: bool) -> torch.optim.Optimizer
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused or None)
     if o.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused or None)
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                           nesterov=o.momentum > 0)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
