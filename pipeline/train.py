@@ -75,8 +75,9 @@ def init_ray(cfg: Config, address: Optional[str] = None) -> None:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         # Local Ray: logical CPUs for every training worker (DataLoader processes are not Ray tasks).
+        # The dashboard stays on (loopback only): Ray Train's placement-group cleanup needs its state API.
         need = int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 1
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, runtime_env=env)
+        ray.init(num_cpus=max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1", runtime_env=env)
 
 
 # Environment the workers need to see the same object store and tracking server as the driver.
