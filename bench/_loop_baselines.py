@@ -7,6 +7,7 @@ torchreid/fast-reid) in numpy with float32 where the original stores V/Jaccard i
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def eval_rank_loop(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, kind="stable"):
@@ -51,9 +52,11 @@ def re_ranking_loop(q_feat, g_feat, k1=20, k2=6, lambda_value=0.3):
     query_num = q_feat.shape[0]
     feat = np.concatenate([q_feat, g_feat])
     all_num = feat.shape[0]
-    sq = (feat ** 2).sum(1, keepdims=True)
-    original_dist = sq + sq.T - 2 * (feat @ feat.T)
-    del feat
+    # Distances as the original computes them (torch, float32, one addmm over the full matrix).
+    ft = torch.from_numpy(feat)
+    sq = ft.pow(2).sum(1, keepdim=True).expand(all_num, all_num)
+    original_dist = (sq + sq.t()).addmm_(ft, ft.t(), beta=1, alpha=-2).numpy()
+    del feat, ft, sq
     gallery_num = original_dist.shape[0]
     original_dist = np.transpose(original_dist / np.max(original_dist, axis=0))
     V = np.zeros_like(original_dist).astype(np.float32)

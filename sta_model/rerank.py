@@ -33,17 +33,18 @@ def _pass_distances(x: torch.Tensor, nq: int, k1: int, block_rows: int):
     N = x.shape[0]
     sq = x.pow(2).sum(1)
     top = torch.empty(N, k1 + 1, dtype=torch.long)
+    topv = torch.empty(N, k1 + 1)
     rowmax = torch.empty(N)
     orig_qg = torch.empty(nq, N - nq)
     for s in range(0, N, block_rows):
         e = min(N, s + block_rows)
         d = torch.addmm(sq[s:e, None] + sq[None, :], x[s:e], x.t(), beta=1, alpha=-2)
         rowmax[s:e] = d.amax(1)
-        top[s:e] = d.topk(k1 + 1, dim=1, largest=False, sorted=True).indices
+        topv[s:e], top[s:e] = d.topk(k1 + 1, dim=1, largest=False, sorted=True)
         if s < nq:
             qe = min(e, nq)
             orig_qg[s:qe] = d[: qe - s, nq:] / rowmax[s:qe, None]
-    return sq, top, rowmax, orig_qg
+    return sq, top, topv, rowmax, orig_qg
 
 
 def _reciprocal(top: torch.Tensor) -> torch.Tensor:
@@ -81,11 +82,17 @@ def _expansion_sets(top: torch.Tensor, k1: int, block_rows: int):
 
 
 def _pair_sqdist(x: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                 chunk: int = 1 << 14) -> torch.Tensor:
-    out = torch.empty(rows.numel())
-    for s in range(0, rows.numel(), chunk):
-        r, c = rows[s:s + chunk], cols[s:s + chunk]
-        out[s:s + chunk] = sq[r] + sq[c] - 2 * (x[r] * x[c]).sum(1)
+                 top: torch.Tensor, topv: torch.Tensor, chunk: int = 1 << 12) -> torch.Tensor:
+    """Squared distances of (row, col) pairs: looked up among each row's nearest neighbours
+    (values of the distance pass) and computed directly for the remaining pairs."""
+    hit = top[rows] == cols[:, None]
+    found = hit.any(1)
+    out = topv[rows].gather(1, hit.byte().argmax(1, keepdim=True)).squeeze(1)
+    miss = torch.nonzero(~found).squeeze(1)
+    for s in range(0, miss.numel(), chunk):  # small chunks: gathered rows stay cache/heap friendly
+        m = miss[s:s + chunk]
+        r, c = rows[m], cols[m]
+        out[m] = sq[r] + sq[c] - 2 * (x.index_select(0, r) * x.index_select(0, c)).sum(1)
     return out
 
 
@@ -108,8 +115,12 @@ def _query_expansion(rows, cols, vals, nbr: torch.Tensor, N: int, block_rows: in
         lens = cnt[nb]
         pos = _segments(ptr[nb], lens)
         owner = torch.repeat_interleave(torch.arange(s, e).repeat_interleave(k2), lens, output_size=pos.numel())
-        keys, inv = torch.unique(owner * N + cols[pos], return_inverse=True)
-        summed = torch.zeros(keys.numel()).index_add_(0, inv, vals[pos])
+        keys, order = torch.sort(owner * N + cols[pos])
+        new = torch.ones_like(keys, dtype=torch.bool)
+        new[1:] = keys[1:] != keys[:-1]
+        group = torch.cumsum(new, 0) - 1
+        keys = keys[new]
+        summed = torch.zeros(keys.numel()).index_add_(0, group, vals[pos][order])
         out_r.append(keys // N)
         out_c.append(keys % N)
         out_v.append(summed / k2)
@@ -141,10 +152,10 @@ def re_ranking(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: float = 
     if not (1 <= k1 < N and 1 <= k2 <= k1 + 1):
         raise ValueError(f"need 1 <= k1 < num_q + num_g ({N}) and 1 <= k2 <= k1 + 1, got k1={k1}, k2={k2}")
 
-    sq, top, rowmax, final = _pass_distances(x, nq, k1, block_rows)
+    sq, top, topv, rowmax, final = _pass_distances(x, nq, k1, block_rows)
 
     rows, cols = _expansion_sets(top, k1, block_rows)
-    w = torch.exp(-_pair_sqdist(x, sq, rows, cols) / rowmax[rows])
+    w = torch.exp(-_pair_sqdist(x, sq, rows, cols, top, topv) / rowmax[rows])
     vals = w / torch.zeros(N).index_add_(0, rows, w)[rows]
     if k2 != 1:
         rows, cols, vals = _query_expansion(rows, cols, vals, top[:, :k2], N, block_rows)
