@@ -1,0 +1,103 @@
+"""Tests for sta_model.model with the tiny trunk (CPU, seconds)."""
+import pytest
+import torch
+
+from sta_model.losses import combined_loss
+from sta_model.model import STA, TemporalPooling, build_model
+
+H, W = 64, 32  # tiny trunk: 8x4 maps, K=4 stripes of 2 rows
+
+
+@pytest.mark.parametrize("N", [1, 4, 7])
+def test_sta_train_forward_backward(N):
+    torch.manual_seed(0)
+    model = STA(num_classes=5, trunk="tiny", num_blocks=4, embed_dim=32).train()
+    clips = torch.rand(4, N, 3, H, W)
+    out = model(clips)
+    assert out["logits"].shape == (4, 5)
+    assert out["embedding"].shape == (4, 32) and out["features"].shape == (4, 32)
+    assert out["spatial_maps"].shape == (4, N, 8, 4) and out["scores"].shape == (4, N, 4)
+    assert out["reg"].dim() == 0
+    torch.testing.assert_close(out["scores"].sum(1), torch.ones(4, 4))
+    if N == 1:
+        assert out["reg"].item() == 0.0
+    else:
+        assert out["reg"].item() > 0
+    loss = combined_loss(out, torch.tensor([0, 0, 1, 1]))["total"]
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.trunk.body[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("N", [1, 4, 7])
+def test_eval_returns_embedding_any_clip_length(N):
+    torch.manual_seed(0)
+    model = STA(num_classes=5, trunk="tiny", embed_dim=16).eval()
+    with torch.no_grad():
+        emb = model(torch.rand(3, N, 3, H, W))
+    assert emb.shape == (3, 16)
+    tp = TemporalPooling(num_classes=5, trunk="tiny", embed_dim=16).eval()
+    with torch.no_grad():
+        assert tp(torch.rand(3, N, 3, H, W)).shape == (3, 16)
+
+
+def test_eval_embedding_is_per_clip():
+    """Batch composition must not change a clip's embedding in eval mode."""
+    torch.manual_seed(1)
+    model = STA(num_classes=3, trunk="tiny", embed_dim=8).eval()
+    clips = torch.rand(3, 4, 3, H, W)
+    with torch.no_grad():
+        torch.testing.assert_close(model(clips)[1:2], model(clips[1:2]), rtol=1e-4, atol=1e-5)
+
+
+def test_sta_matches_manual_pipeline():
+    torch.manual_seed(2)
+    model = STA(num_classes=3, trunk="tiny", embed_dim=8, fusion=("max",)).eval()
+    clips = torch.rand(2, 3, 3, H, W)
+    with torch.no_grad():
+        f = model.trunk(clips.flatten(0, 1)).reshape(2, 3, 64, 8, 4)
+        from sta_model.attention import fuse, spatial_temporal_attention
+        _, S = spatial_temporal_attention(f, 4)
+        x = fuse(f, S, 4, ("max",)).mean((2, 3))
+        expected = model.head.bn(model.head.fc(x))
+        torch.testing.assert_close(model(clips), expected)
+    assert model.head.fc.in_features == 64
+
+
+def test_temporal_pooling_train_dict():
+    torch.manual_seed(0)
+    model = TemporalPooling(num_classes=4, trunk="tiny", embed_dim=16).train()
+    out = model(torch.rand(4, 3, 3, H, W))
+    assert out["spatial_maps"] is None and out["scores"] is None
+    assert out["reg"].item() == 0.0 and out["logits"].shape == (4, 4)
+    losses = combined_loss(out, torch.tensor([0, 0, 1, 1]))
+    losses["total"].backward()
+    torch.testing.assert_close(losses["total"], losses["triplet"] + losses["ce"])
+
+
+def test_build_model():
+    assert isinstance(build_model("sta", 3, trunk="tiny", embed_dim=8), STA)
+    tp = build_model("temporal_pooling", 3, trunk="tiny", embed_dim=8, num_blocks=4, fusion=("max",))
+    assert isinstance(tp, TemporalPooling)
+    with pytest.raises(ValueError):
+        build_model("lstm", 3)
+
+
+def test_height_not_divisible_by_blocks_raises():
+    model = STA(num_classes=3, trunk="tiny", num_blocks=4, embed_dim=8).eval()
+    with pytest.raises(ValueError, match="divisible"):
+        model(torch.rand(1, 2, 3, 48, 32))  # 6 rows at stride 8
+    with pytest.raises(ValueError):
+        model(torch.rand(2, 3, H, W))  # missing frame axis
+    with pytest.raises(ValueError):
+        STA(num_classes=3, trunk="tiny", fusion=("sum",))
+
+
+def test_pretrained_trunk_through_model(tmp_path):
+    sd = STA(num_classes=3, trunk="tiny").trunk.state_dict()
+    p = tmp_path / "tiny.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, p)
+    model = STA(num_classes=3, trunk="tiny", pretrained=str(p))
+    for k, v in model.trunk.state_dict().items():
+        assert torch.equal(v, sd[k])
