@@ -127,6 +127,9 @@ class EvalConfig:
     clip_len: int = 4  # N for test clips (all frames of a tracklet, cut into clips of N)
     clips_per_batch: int = 32
     rerank: bool = False
+    rerank_k1: int = 20  # k-reciprocal re-ranking (Zhong et al. 2017) parameters
+    rerank_k2: int = 6
+    rerank_lambda: float = 0.3
     num_workers: int = 1
 
 
@@ -387,6 +390,8 @@ def validate(cfg: Config) -> Config:
     need(ev.every_epochs >= 0, "eval.every_epochs", "must be >= 0")
     need(ev.clip_len >= 1, "eval.clip_len", "must be >= 1")
     need(ev.clips_per_batch >= 1, "eval.clips_per_batch", "must be >= 1")
+    need(1 <= ev.rerank_k2 <= ev.rerank_k1 + 1, "eval.rerank_k2", "need 1 <= rerank_k2 <= rerank_k1 + 1")
+    need(0.0 <= ev.rerank_lambda <= 1.0, "eval.rerank_lambda", "must be in [0, 1]")
     need(cfg.failure.max_failures >= -1, "failure.max_failures", "must be >= -1 (-1 = unlimited)")
     need(cfg.tracking.heatmaps >= 0, "tracking.heatmaps", "must be >= 0")
     need(cfg.tracking.log_every_steps >= 1, "tracking.log_every_steps", "must be >= 1")

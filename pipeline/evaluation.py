@@ -72,7 +72,8 @@ def extract(forward: Callable[[torch.Tensor], torch.Tensor], cfg: Config, split:
     return SplitFeatures(feats, meta[0].cpu().numpy(), meta[1].cpu().numpy(), int(skipped))
 
 
-def score(q: SplitFeatures, g: SplitFeatures, *, rerank: bool = False, max_rank: int = 50) -> dict:
+def score(q: SplitFeatures, g: SplitFeatures, *, rerank: bool = False, max_rank: int = 50,
+          k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> dict:
     """Rank-k, mAP (fractions) and the CMC curve; with ``rerank`` also the k-reciprocal re-ranked ones."""
     distmat = euclidean_squared(q.feats, g.feats).numpy()
     max_rank = min(max_rank, distmat.shape[1])
@@ -82,7 +83,7 @@ def score(q: SplitFeatures, g: SplitFeatures, *, rerank: bool = False, max_rank:
     if rerank:
         from sta_model.rerank import re_ranking
 
-        rr = re_ranking(q.feats, g.feats)
+        rr = re_ranking(q.feats, g.feats, k1=k1, k2=k2, lambda_value=lambda_value)
         rcmc, rmAP = evaluate_rank(rr, q.pids, g.pids, q.camids, g.camids, max_rank=max_rank)
         out.update({"rr_mAP": float(rmAP), "rr_cmc": rcmc})
         out.update({f"rr_rank{r}": float(rcmc[r - 1]) for r in RANKS if r <= len(rcmc)})
@@ -98,7 +99,9 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], cfg: Config, *, em
     g = extract(forward, cfg, "gallery", **kw)
     if rank != 0:
         return None
-    out = score(q, g, rerank=cfg.eval.rerank if rerank is None else rerank)
+    ev = cfg.eval
+    out = score(q, g, rerank=ev.rerank if rerank is None else rerank, k1=ev.rerank_k1, k2=ev.rerank_k2,
+                lambda_value=ev.rerank_lambda)
     out["eval_skipped"] = q.skipped + g.skipped
     return out
 

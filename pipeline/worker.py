@@ -149,6 +149,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine, precision, ds_cfg = build_engine(model, cfg, world_size=world,
                                              steps_per_epoch=steps // cfg.deepspeed.grad_accum)
     dtype = autocast_dtype(precision)
+    # Where the ranks landed (reported once; the multi-node test checks the spread).
+    nodes: list = [None] * world
+    node = ray.get_runtime_context().get_node_id()
+    if world > 1:
+        dist.all_gather_object(nodes, node)
+    else:
+        nodes = [node]
+    num_nodes = len(set(nodes))
 
     # Restore: Ray's latest checkpoint after a worker failure, else an explicit --resume checkpoint.
     meta: dict[str, Any] = {"epoch": 0, "global_step": 0, "best": None, "mlflow_run_id": None}
@@ -178,7 +186,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         new_run = not meta.get("mlflow_run_id")
         run_id = tracker.start(cfg, run_id=meta.get("mlflow_run_id"),
                                parent_run_id=loop_config.get("parent_run_id"),
-                               extra_tags={"precision": precision, "world_size": str(world)})
+                               extra_tags={"precision": precision, "world_size": str(world),
+                                           "num_nodes": str(num_nodes)})
         meta["mlflow_run_id"] = run_id
         if new_run:
             tracker.log_params(cfg)
@@ -202,6 +211,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                               prefetch_factor=cfg.data.prefetch_factor)
         metrics = run_epoch(engine, loader, cfg, dtype=dtype, device=device, world_size=world, on_log=on_log)
         metrics["epoch"] = epoch + 1
+        metrics["num_nodes"] = num_nodes
         metrics["global_step"] = int(engine.global_steps)
         is_last = epoch + 1 == cfg.optim.epochs
         ev = cfg.eval.every_epochs
