@@ -29,16 +29,25 @@ def _as_float32(x) -> torch.Tensor:
 
 
 def _pass_distances(x: torch.Tensor, nq: int, k1: int, block_rows: int):
-    """Top ``k1 + 1`` neighbours and row maxima of all rows; normalised query x gallery block."""
+    """Top ``k1 + 1`` neighbours (indices, distances) and row maxima of all rows, and the
+    normalised query x gallery block.
+
+    Row panels are visited in order; panel I computes only its columns from I on (the matrix is
+    symmetric) and takes the columns before I from the transposes of earlier panels, which are
+    kept until used (at most half the matrix) — half the matrix products of a full pass.
+    """
     N = x.shape[0]
     sq = x.pow(2).sum(1)
     top = torch.empty(N, k1 + 1, dtype=torch.long)
     topv = torch.empty(N, k1 + 1)
     rowmax = torch.empty(N)
     orig_qg = torch.empty(nq, N - nq)
+    earlier = []  # (start, panel of columns start..N) of the panels done so far
     for s in range(0, N, block_rows):
         e = min(N, s + block_rows)
-        d = torch.addmm(sq[s:e, None] + sq[None, :], x[s:e], x.t(), beta=1, alpha=-2)
+        fresh = torch.addmm(sq[s:e, None] + sq[None, s:], x[s:e], x[s:].t(), beta=1, alpha=-2)
+        d = torch.cat([p[:, s - t:e - t].t() for t, p in earlier] + [fresh], 1)
+        earlier.append((s, fresh))
         rowmax[s:e] = d.amax(1)
         topv[s:e], top[s:e] = d.topk(k1 + 1, dim=1, largest=False, sorted=True)
         if s < nq:
