@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import re
+import zlib
 from typing import Iterator
 
 import numpy as np
@@ -104,6 +105,12 @@ def _tar_number(field: bytes) -> int:
     return int(field, 8) if field else 0
 
 
+def _signed_checksum_ok(hdr: bytes, stored: int) -> bool:
+    """The exact unsigned sum, or the signed-byte sum some old writers store."""
+    unsigned = sum(hdr) - sum(hdr[148:156]) + 256
+    return stored in (unsigned, unsigned - 256 * sum(1 for b in hdr[:148] + hdr[156:] if b > 127))
+
+
 def _tar_str(field: bytes) -> str:
     return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
@@ -155,17 +162,24 @@ def iter_tar(f, chunk: int = 1 << 20) -> Iterator[tuple[str, bytes]]:
         hdr = buf[pos:pos + 512]
         if hdr == _ZERO_BLOCK:
             return
+        # Fast path for the common "%011o\0" / "%06o\0 " fields; anything else (base-256, other
+        # padding) goes through _tar_number. Training parses ~10 headers per decoded frame.
         try:
-            stored = _tar_number(hdr[148:156])
-            size = _tar_number(hdr[124:136])
+            size = int(hdr[124:135], 8) if hdr[135] in (0, 32) else _tar_number(hdr[124:136])
+            stored = int(hdr[148:154], 8) if hdr[154] in (0, 32) else _tar_number(hdr[148:156])
         except ValueError:
-            raise TarError(f"corrupt header at byte {base + pos}") from None
-        unsigned = sum(hdr) - sum(hdr[148:156]) + 256
-        if stored != unsigned and stored != unsigned - 256 * sum(  # some writers sum signed bytes
-                1 for b in hdr[:148] + hdr[156:] if b > 127):
+            try:
+                stored, size = _tar_number(hdr[148:156]), _tar_number(hdr[124:136])
+            except ValueError:
+                raise TarError(f"corrupt header at byte {base + pos}") from None
+        # Byte sum of the header from adler32 (C speed; sum(hdr) was a quarter of the parsing time):
+        # its low half is 1 + sum mod 65521, and a 512-byte sum is < 2 * 65521, so the sum is one
+        # of two candidates; a stored checksum matching either is the exact sum check.
+        low = (zlib.adler32(hdr) & 0xFFFF) - 1 - sum(hdr[148:156]) + 256
+        if stored != low and stored != low + 65521 and not _signed_checksum_ok(hdr, stored):
             raise TarError(f"corrupt header at byte {base + pos} (checksum mismatch)")
         kind = hdr[156:157]
-        if kind not in (b"x", b"g", b"L") and "size" in pax:
+        if pax and kind not in (b"x", b"g", b"L") and "size" in pax:
             size = int(pax["size"])
         end = pos + 512 + size
         if end > len(buf):
@@ -176,21 +190,22 @@ def iter_tar(f, chunk: int = 1 << 20) -> Iterator[tuple[str, bytes]]:
                                f"(stream ends at byte {base + len(buf)})")
         data = buf[end - size:end]
         pos = end + (-size % 512)
-        if kind == b"x":
+        if kind == b"0" or kind == b"\0" or kind == b"7":
+            if pax and "path" in pax:
+                name = pax["path"]
+            elif long_name is not None:
+                name = long_name
+            else:
+                name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                if hdr[345] and hdr[257:262] == b"ustar":
+                    name = f"{_tar_str(hdr[345:500])}/{name}"
+            yield name, data
+            long_name, pax = None, {}
+        elif kind == b"x":
             pax = _pax(data)
         elif kind == b"L":
             long_name = _tar_str(data)
         elif kind != b"g":
-            if kind in (b"0", b"\0", b"7"):
-                if "path" in pax:
-                    name = pax["path"]
-                elif long_name is not None:
-                    name = long_name
-                else:
-                    name = _tar_str(hdr[:100])
-                    if hdr[257:262] == b"ustar" and hdr[345]:
-                        name = f"{_tar_str(hdr[345:500])}/{name}"
-                yield name, data
             long_name, pax = None, {}
 
 
@@ -382,7 +397,7 @@ def _shard_urls(url, split_info: dict) -> list[str]:
 
 
 # =========================================================================== training
-def _train_worker(worker: int, num_workers: int, *, shards, num_ids, num_classes, clip_len, p, k,
+def _train_worker(worker: int, num_workers: int, *, shards, shard_ids, num_ids, num_classes, clip_len, p, k,
                   height, width, batches_per_epoch, epoch, seed, rank, world_size, hflip,
                   random_erasing, mean):
     n_batches = batches_per_epoch // num_workers + (worker < batches_per_epoch % num_workers)
@@ -428,16 +443,22 @@ def _train_worker(worker: int, num_workers: int, *, shards, num_ids, num_classes
             else:
                 resampling = True
                 shard = next(resampled)
-            got: dict[int, list] = {}
-            for _, meta, frames in iter_samples(shard, skips):
-                if not 0 <= meta["pid"] < num_classes:
-                    skips.add("sample", shard, f"pid {meta['pid']} outside 0..{num_classes - 1}")
-                    continue
-                got.setdefault(meta["pid"], []).append((meta, frames))
-            new = [pid for pid in got if pid not in pool]  # a pid already pooled is the same data
-            for pid in new:
-                pool[pid] = got[pid]
-                groups[pid] = make_groups(len(got[pid]))
+            new = []
+            ids = shard_ids.get(shard)
+            # A shard whose identities are all pooled would bring nothing (a pooled pid's data is
+            # the same): not reading it avoids most of the reading when the pool holds nearly every
+            # identity (few identities per P).
+            if not (ids and ids.issubset(pool)):
+                got: dict[int, list] = {}
+                for _, meta, frames in iter_samples(shard, skips):
+                    if not 0 <= meta["pid"] < num_classes:
+                        skips.add("sample", shard, f"pid {meta['pid']} outside 0..{num_classes - 1}")
+                        continue
+                    got.setdefault(meta["pid"], []).append((meta, frames))
+                new = [pid for pid in got if pid not in pool]
+                for pid in new:
+                    pool[pid] = got[pid]
+                    groups[pid] = make_groups(len(got[pid]))
             fruitless = 0 if new else fruitless + 1
             if fruitless > 2 * len(shards):  # two rounds brought nothing new: take what we have
                 if len(pool) >= need:  # fewer usable ids than the manifest says: settle
@@ -541,6 +562,7 @@ def train_loader(url, *, clip_len: int, p: int, k: int, height: int, width: int,
         raise ValueError(f"{url}: no training shards")
     fn = functools.partial(
         _train_worker, shards=_shard_urls(url, tr), num_ids=num_ids,
+        shard_ids={u: frozenset(s.get("identities") or ()) for u, s in zip(_shard_urls(url, tr), tr["shards"])},
         num_classes=int(man.get("num_classes") or num_ids), clip_len=clip_len, p=p, k=k,
         height=height, width=width, batches_per_epoch=batches_per_epoch, epoch=epoch, seed=seed,
         rank=rank, world_size=world_size, hflip=hflip, random_erasing=random_erasing,

@@ -556,3 +556,20 @@ def test_pack_round_trip_s3(packed, s3_bucket):
     s3 = f"s3://{s3_bucket}/syn"
     storage.upload_dir(url, s3)
     _check_eval_against_source(s3, ds, "gallery", num_workers=2, world_size=1)
+
+
+def test_iter_tar_accepts_signed_checksum_and_rejects_wrong_one():
+    # old writers store the sum of *signed* header bytes; a name with bytes > 127 makes it differ
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT, encoding="latin-1") as tf:
+        info = tarfile.TarInfo("\xe9" * 90)
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"abc"))
+    raw = bytearray(buf.getvalue())
+    hdr = raw[:512]
+    signed = sum(b - 256 if b > 127 else b for b in hdr[:148] + hdr[156:]) + 256
+    raw[148:156] = b"%06o\0 " % signed
+    assert [d for _, d in iter_tar(io.BytesIO(bytes(raw)))] == [b"abc"]
+    raw[148:156] = b"%06o\0 " % (signed + 1)
+    with pytest.raises(TarError):
+        list(iter_tar(io.BytesIO(bytes(raw))))
