@@ -3,10 +3,13 @@
 Synthetic MARS-sized features (1,980 queries x 9,330 gallery, 1024-d, 6 cameras, 625 ids): identity
 centroids plus heavy Gaussian noise, so mAP lands in the middle of [0, 1].
 
-Method: every measurement runs in a fresh subprocess that loads the inputs from .npy files, then
-records ``ru_maxrss`` (peak RSS so far), runs the function once under a wall clock, and records
-``ru_maxrss`` again; "peak MB" is the growth of the peak RSS caused by the call (imports and inputs
-excluded). Outputs go back through .npy files and are compared in the parent.
+Method: every measurement runs in a fresh subprocess that imports torch/numpy and loads the
+inputs from .npy files, then resets the kernel's peak-RSS counter (``/proc/self/clear_refs`` = 5),
+reads the current RSS, runs the function once under a wall clock (and process CPU time), and reads
+the peak RSS (``VmHWM``); "peak MB" is peak minus the RSS before the call, i.e. the extra memory the
+call needed at its high point (imports and inputs excluded). Where clear_refs is unavailable,
+``ru_maxrss`` growth is used instead (a lower bound). Outputs go back through .npy files and are
+compared in the parent. Timings on a shared machine depend on its load: the load average is printed.
 
     python bench/eval_speed.py [--repeats 5] [--json out.json]
 """
@@ -61,21 +64,38 @@ def worker(task: str, data_dir: str, out_path: str) -> None:
         else:
             from _loop_baselines import re_ranking_loop as fn
         import torch  # noqa: F401  (import cost outside the measurement for both)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before, hwm = _status_kb("VmRSS"), True
+    except OSError:
+        before, hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, False
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn(*args)
-    seconds = time.perf_counter() - t0
-    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak = _status_kb("VmHWM") if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_mb = (peak - before) / 1024
     if task.startswith("eval"):
         np.save(out_path, np.concatenate([out[0].astype(np.float64), [out[1]]]))
     else:
         np.save(out_path, out)
-    print(json.dumps({"seconds": seconds, "peak_mb": peak_mb}))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak_mb}))
 
 
-def measure(task: str, data_dir: str, out_path: str) -> dict:
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(field)
+
+
+def measure(task: str, data_dir: str, out_path: str, threads: int | None) -> dict:
+    env = dict(os.environ)
+    if threads:  # torch intra-op and numpy's BLAS alike
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
     res = subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", task, "--_data", data_dir,
-                          "--_out", out_path], capture_output=True, text=True, check=True)
+                          "--_out", out_path], capture_output=True, text=True, check=True, env=env)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -84,6 +104,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the result rows here")
     ap.add_argument("--noise", type=float, default=2.8)
+    ap.add_argument("--threads", type=int, default=None, help="threads per measurement (default: library default)")
     ap.add_argument("--_worker"), ap.add_argument("--_data"), ap.add_argument("--_out")
     a = ap.parse_args()
     if a._worker:
@@ -101,14 +122,17 @@ def main() -> None:
             runs = {"vec": [], "loop": []}
             for r in range(a.repeats):
                 for impl in ("vec", "loop"):
-                    m = measure(f"{what}_{impl}", tmp, os.path.join(tmp, f"{what}_{impl}.npy"))
+                    m = measure(f"{what}_{impl}", tmp, os.path.join(tmp, f"{what}_{impl}.npy"), a.threads)
                     runs[impl].append(m)
-                    print(f"  {what:6s} {impl:4s} run {r + 1}/{a.repeats}: {m['seconds']:.3f} s, "
-                          f"peak +{m['peak_mb']:.0f} MB", flush=True)
+                    print(f"  {what:6s} {impl:4s} run {r + 1}/{a.repeats}: {m['seconds']:.3f} s "
+                          f"(cpu {m['cpu_seconds']:.3f} s), peak +{m['peak_mb']:.0f} MB, "
+                          f"load {os.getloadavg()[0]:.1f}", flush=True)
             vec, loop = np.load(os.path.join(tmp, f"{what}_vec.npy")), np.load(os.path.join(tmp, f"{what}_loop.npy"))
             ratios = [lo["seconds"] / v["seconds"] for v, lo in zip(runs["vec"], runs["loop"])]
             row = {"name": what, "repeats": a.repeats,
                    "vec_s": [m["seconds"] for m in runs["vec"]], "loop_s": [m["seconds"] for m in runs["loop"]],
+                   "vec_cpu_s": [m["cpu_seconds"] for m in runs["vec"]],
+                   "loop_cpu_s": [m["cpu_seconds"] for m in runs["loop"]],
                    "vec_peak_mb": max(m["peak_mb"] for m in runs["vec"]),
                    "loop_peak_mb": max(m["peak_mb"] for m in runs["loop"]),
                    "ratio_min": min(ratios), "ratio_median": statistics.median(ratios), "ratio_max": max(ratios)}
@@ -119,31 +143,33 @@ def main() -> None:
             else:
                 cmc_v, map_v = evaluate_rank(vec, *labels)
                 cmc_l, map_l = evaluate_rank(loop, *labels)
-                same_rank = np.mean([np.array_equal(np.argsort(vec[i], kind="stable"),
-                                                    np.argsort(loop[i], kind="stable"))
-                                     for i in range(0, vec.shape[0], 10)])
+                # Rows whose 10 nearest gallery entries come out in the same order.
+                same_rank = np.mean(np.all(np.argsort(vec, 1, kind="stable")[:, :10]
+                                           == np.argsort(loop, 1, kind="stable")[:, :10], 1))
                 row.update(max_abs_diff=float(np.abs(vec - loop).max()), mAP=float(map_v),
                            mAP_loop=float(map_l), rank1=float(cmc_v[0]), rank1_loop=float(cmc_l[0]),
-                           identical_row_order_frac=float(same_rank),
+                           same_top10_frac=float(same_rank),
                            agree=bool(np.array_equal(cmc_v, cmc_l) and map_v == map_l))
             rows.append(row)
 
     import torch
-    print(f"\nMARS-size synthetic (1980 x 9330, 1024-d), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, repeats={a.repeats}")
+    threads = a.threads or torch.get_num_threads()
+    load = os.getloadavg()[0]
+    print(f"\nMARS-size synthetic (1980 x 9330, 1024-d), torch {torch.__version__}, {threads} threads, "
+          f"repeats={a.repeats}, load average {load:.1f} on {os.cpu_count()} CPUs")
     print(f"{'task':7s} {'vec s (med)':>11s} {'loop s (med)':>12s} {'speedup min/med/max':>22s} "
           f"{'vec MB':>7s} {'loop MB':>8s}  agreement")
     for r in rows:
         agree = (f"cmc diff {r['cmc_max_abs_diff']:.1e}, mAP diff {r['map_abs_diff']:.1e}, mAP {r['mAP']:.4f}"
                  if r["name"] == "eval" else
-                 f"max|diff| {r['max_abs_diff']:.1e}, same order {100 * r['identical_row_order_frac']:.0f}% rows, "
+                 f"max|diff| {r['max_abs_diff']:.1e}, same top-10 order {100 * r['same_top10_frac']:.1f}% rows, "
                  f"mAP {r['mAP']:.4f} vs {r['mAP_loop']:.4f}")
         print(f"{r['name']:7s} {statistics.median(r['vec_s']):11.3f} {statistics.median(r['loop_s']):12.3f} "
               f"{r['ratio_min']:6.1f}/{r['ratio_median']:5.1f}/{r['ratio_max']:5.1f}x "
               f"{r['vec_peak_mb']:7.0f} {r['loop_peak_mb']:8.0f}  {agree}; agree={r['agree']}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"benchmark": "eval_speed", "rows": rows}, f, indent=1)
+            json.dump({"benchmark": "eval_speed", "threads": threads, "load_avg_1min": load, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
