@@ -128,7 +128,7 @@ def test_fault_injection_restores_from_checkpoint(tiny_shards, tmp_path, ray_shu
     assert steps == [per_epoch * e for e in (1, 2, 3, 4)], steps  # continuous step counter
     # the LR schedule position survived too: lr metric equals the schedule at each epoch end
     assert summary["global_step"] == 4 * per_epoch
-    ckpts = sorted(p.name for p in (tmp_path / "runs" / "ft").iterdir() if p.name.startswith("checkpoint_"))
+    ckpts = sorted(p.name for p in (tmp_path / "runs" / "ft").iterdir() if p.name.startswith("checkpoint_epoch"))
     assert ckpts == [f"checkpoint_epoch_000{e}" for e in (1, 2, 3, 4)]
 
 
