@@ -265,9 +265,9 @@ def parse_tune_config(raw: dict[str, Any], *, yaml_path: Optional[Path] = None,
     if not search_raw:
         raise _fail("search", "the search space is empty")
     search = {str(k): parse_dist(f"search.{k}", v) for k, v in search_raw.items()}
-    variants = _variant_table(search[VARIANT_KEY]) if VARIANT_KEY in search else {}
     if VARIANT_KEY in search and search[VARIANT_KEY].kind not in ("choice", "grid"):
         raise _fail(f"search.{VARIANT_KEY}", "variants are enumerated: use choice or grid")
+    variants = _variant_table(search[VARIANT_KEY]) if VARIANT_KEY in search else {}
     check_search(base, search, variants)
 
     if not isinstance(raw.get("tune") or {}, dict):
