@@ -13,9 +13,10 @@ config's lr / weight decay and the same no-decay-on-BN/bias parameter groups.
 * ``plain``: ``zero_grad / forward / combined_loss / backward / (clip_grad_norm_) / step /
   scheduler.step`` with no host sync per step.
 
-Both models start from the same weights; each repeat runs one epoch on each, the order alternating
-across repeats (plain first on even repeats) so load drift on a shared machine hits both alike.
-The first ``--warmup`` steps of every epoch are excluded from the timing (allocator warm-up).
+Both models start from the same weights and get ``--warmup`` untimed steps first. Each repeat
+runs the ``--steps`` batches on both sides in ``--blocks`` alternating blocks (``run_epoch`` is
+called once per block, as an epoch; which side goes first flips every block), so load drift on a
+shared machine hits both alike.
 Reported: steps/s of each, and ``overhead = plain_steps_per_s / deepspeed_steps_per_s - 1``
 (min/median/max over repeats, ratio taken per repeat). Target: overhead <= 10%.
 
@@ -66,14 +67,6 @@ def _batches(cfg, steps: int, num_classes: int, seed: int) -> list[dict]:
     return out
 
 
-def _timed(fn, batches: list[dict], warmup: int) -> float:
-    """Seconds for ``fn(batches[warmup:])`` after ``fn(batches[:warmup])``."""
-    fn(batches[:warmup])
-    t0 = time.perf_counter()
-    fn(batches[warmup:])
-    return time.perf_counter() - t0
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -81,6 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny.yaml"))
     ap.add_argument("--steps", type=int, default=30, help="timed steps per epoch (after warm-up)")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--blocks", type=int, default=6, help="alternating blocks per repeat")
     ap.add_argument("--num-classes", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both sides)")
     ap.add_argument("--set", nargs="*", default=["data.p=8", "data.k=4", "data.clip_len=4",
@@ -134,12 +128,24 @@ def main(argv=None) -> int:
     def ds_epoch(bs):
         run_epoch(engine, bs, cfg, dtype=dtype, device=device, world_size=1, on_log=lambda s, v: None)
 
+    # Interleave at block granularity: each repeat alternates blocks of steps between the two
+    # loops (order flipped every block), so load changes on a shared machine hit both sides alike.
     runs = {"plain": [], "deepspeed": []}
+    fns = {"plain": plain_epoch, "deepspeed": ds_epoch}
+    for name in fns:  # warm-up (allocator, DeepSpeed's first-step setup), not timed
+        fns[name](batches[:a.warmup])
+    timed = batches[a.warmup:]
+    m = max(1, len(timed) // a.blocks)
     for r in range(a.repeats):
-        order = ("plain", "deepspeed") if r % 2 == 0 else ("deepspeed", "plain")
-        for name in order:
-            dt = _timed(plain_epoch if name == "plain" else ds_epoch, batches, a.warmup)
-            runs[name].append(a.steps / dt)
+        spent = {"plain": 0.0, "deepspeed": 0.0}
+        for c in range(0, len(timed), m):
+            order = ("plain", "deepspeed") if (r + c // m) % 2 == 0 else ("deepspeed", "plain")
+            for name in order:
+                t0 = time.perf_counter()
+                fns[name](timed[c:c + m])
+                spent[name] += time.perf_counter() - t0
+        for name in fns:
+            runs[name].append(len(timed) / spent[name])
         print(f"  repeat {r + 1}/{a.repeats}: plain {runs['plain'][-1]:.2f} steps/s, "
               f"deepspeed {runs['deepspeed'][-1]:.2f} steps/s", flush=True)
 

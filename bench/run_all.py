@@ -1,0 +1,151 @@
+"""Run the CPU benchmarks and write their ratios as one markdown table.
+
+    .venv/bin/python bench/run_all.py --repeats 5 [--eval-repeats N] [--skip eval_speed ...]
+
+Runs, each in its own process with ``--repeats N --json bench/results/<name>.json``:
+``bench/eval_speed.py`` (vectorised evaluate_rank / re_ranking vs. the plain loops),
+``bench/data_throughput.py`` (shard stream vs. per-file loader and raw decode),
+``bench/train_overhead.py`` (DeepSpeed worker loop vs. plain PyTorch loop) and
+``bench/allreduce.py`` (gloo allreduce at the gradient sizes; informative, no target).
+Every ratio is against a baseline measured in the same run, min/median/max over the repeats.
+Writes ``bench/RESULTS.md`` and, if README.md has the markers ``<!-- bench:start -->`` /
+``<!-- bench:end -->``, replaces the text between them (nothing else in README.md is touched).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+BENCHES = ("eval_speed", "data_throughput", "train_overhead", "allreduce")
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+
+    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def _row(bench, what, r, baseline, target, ok=None):
+    fmt = lambda x: f"{x:.2f}x"  # noqa: E731
+    status = "" if ok is None else ("met" if ok else "**not met**")
+    return (f"| {bench} | {what} | {baseline} | {fmt(r['min'])} | {fmt(r['median'])} | {fmt(r['max'])} "
+            f"| {target} | {status} |")
+
+
+def _rows(name: str, res: dict) -> list[str]:
+    out = []
+    if name == "eval_speed":
+        for r in res["rows"]:
+            mm = {"min": r["ratio_min"], "median": r["ratio_median"], "max": r["ratio_max"]}
+            fn = "evaluate_rank" if r["name"] == "eval" else "re_ranking"
+            out.append(_row(name, f"{fn} speed-up (peak +{r['vec_peak_mb']:.0f} MB vs "
+                            f"+{r['loop_peak_mb']:.0f} MB)", mm, "plain loop", "> 1x"))
+    elif name == "data_throughput":
+        labels = {"stream_local_vs_per_file": ("stream float32", "per-file loader", ">= 2x", 2.0),
+                  "stream_local_u8_vs_per_file": ("stream uint8 (normalise on device)", "per-file loader",
+                                                  ">= 2x", 2.0),
+                  "stream_local_vs_raw_decode": ("stream float32", "raw JPEG decode, 1 core", ">= 0.70x", 0.7),
+                  "stream_local_u8_vs_raw_decode": ("stream uint8", "raw JPEG decode, 1 core", ">= 0.70x", 0.7),
+                  "stream_s3_vs_per_file": ("stream over S3 (moto)", "per-file loader", "-", None),
+                  "per_file_vs_raw_decode": ("per-file loader", "raw JPEG decode, 1 core", "-", None)}
+        for key, r in res["ratios"].items():
+            what, base, target, thr = labels.get(key, (key, "", "-", None))
+            out.append(_row(name, what, r, base, target, None if thr is None else r["median"] >= thr))
+    elif name == "train_overhead":
+        for r in res["rows"]:
+            mm = {"min": r["ratio_min"], "median": r["ratio_median"], "max": r["ratio_max"]}
+            out.append(_row(name, f"DeepSpeed run_epoch steps/s ({r['deepspeed_step_ms_median']:.0f} ms/step, "
+                            f"overhead median {100 * r['overhead_median']:+.1f}%)", mm,
+                            f"plain PyTorch loop ({r['plain_step_ms_median']:.0f} ms/step)",
+                            ">= 0.91x (overhead <= 10%)", r["ratio_median"] >= 1 / 1.1))
+    elif name == "allreduce":
+        for r in res["rows"]:
+            mm = {"min": r["ratio_min"], "median": r["ratio_median"], "max": r["ratio_max"]}
+            secs = sorted(r["seconds"])
+            out.append(_row(name, f"gloo 2 procs, {r['name']} ({r['bytes'] / 2**20:.1f} MB): "
+                            f"median {1e3 * secs[len(secs) // 2]:.1f} ms", mm,
+                            "memcpy of the same bytes (time ratio)", "- (no target)"))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--eval-repeats", type=int, default=None,
+                    help="repeats for eval_speed (its loop baselines are the slowest)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=BENCHES)
+    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+    a = ap.parse_args(argv)
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    load_before = os.getloadavg()
+    t_start = time.time()
+    results, notes, rows = {}, [], []
+    for name in BENCHES:
+        if name in a.skip:
+            notes.append(f"{name}: skipped (--skip)")
+            continue
+        reps = a.eval_repeats if name == "eval_speed" and a.eval_repeats else a.repeats
+        js = os.path.join(HERE, "results", f"{name}.json")
+        cmd = [sys.executable, os.path.join(HERE, f"{name}.py"), "--repeats", str(reps), "--json", js]
+        if name == "data_throughput":  # the generated JPEG data set is reused across runs
+            cmd += ["--workdir", os.path.join(HERE, "results", "data_throughput_data")]
+        print("$", " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd), flush=True)
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT)
+        dt = time.time() - t0
+        if proc.returncode != 0 or not os.path.exists(js):
+            notes.append(f"{name}: FAILED (exit {proc.returncode})")
+            continue
+        with open(js) as f:
+            results[name] = json.load(f)
+        os.utime(js)
+        rows += _rows(name, results[name])
+        notes.append(f"{name}: {reps} repeats, {dt:.0f} s")
+
+    load_after = os.getloadavg()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    md = [f"Benchmarks run {stamp} by `bench/run_all.py --repeats {a.repeats}"
+          f"{f' --eval-repeats {a.eval_repeats}' if a.eval_repeats else ''}` "
+          f"({time.time() - t_start:.0f} s).",
+          f"Machine: {_machine()}; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
+          f"(shared machine: expect noise). Each ratio is against its baseline measured in the same "
+          f"run; min/median/max over the repeats (`bench/README.md` explains each).", "",
+          "| bench | measured | baseline | min | median | max | target | status |",
+          "|---|---|---|---|---|---|---|---|", *rows, "",
+          "Runs: " + "; ".join(notes) + "."]
+    text = "\n".join(md) + "\n"
+    with open(a.out, "w") as f:
+        f.write("# Benchmark results\n\n" + text)
+    print("\n" + text)
+    readme = os.path.join(ROOT, "README.md")
+    if os.path.exists(readme):
+        with open(readme) as f:
+            body = f.read()
+        if START in body and END in body and body.index(START) < body.index(END):
+            head, rest = body.split(START, 1)
+            _, tail = rest.split(END, 1)
+            with open(readme, "w") as f:
+                f.write(f"{head}{START}\n{text}{END}{tail}")
+            print("README.md: table written between the bench markers")
+        else:
+            print("README.md has no bench markers: only", os.path.relpath(a.out, ROOT), "written")
+    return 0 if all("FAILED" not in n for n in notes) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
