@@ -95,7 +95,58 @@ def init_ray(spec: TuneSpec, address: Optional[str]) -> None:
         return
     per_trial = trial_resources(spec)["CPU"]
     cpus = max(os.cpu_count() or 1, math.ceil(per_trial * max(1, spec.tune.max_concurrent)))
-    ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", runtime_env=env, include_dashboard=True)
+    # Ray Train's placement-group cleaner finds the cluster through the state API; with another
+    # local Ray on the machine its auto-detection fails ("multiple active Ray instances"), so pin
+    # the dashboard port and point every process of this cluster at it.
+    port = _free_port()
+    _set_env("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    env["env_vars"]["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"]
+    ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=env,
+             include_dashboard=True)
+
+
+_ENV_SAVED: dict[str, Optional[str]] = {}
+
+
+def _set_env(key: str, value: str) -> None:
+    """Set a process env var for this search; :func:`shutdown_ray` puts the old value back."""
+    _ENV_SAVED.setdefault(key, os.environ.get(key))
+    os.environ[key] = value
+
+
+def shutdown_ray() -> None:
+    """Stop the local Ray and undo the env changes (a later Ray in this process must not see them)."""
+    if "ray" in sys.modules:
+        sys.modules["ray"].shutdown()
+    for key, value in _ENV_SAVED.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _ENV_SAVED.clear()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Relative local paths made absolute: trial drivers and workers run in other directories."""
+    from pipeline import storage
+
+    def fix(url: Optional[str]) -> Optional[str]:
+        if not url or storage.is_s3(url) or "://" in url:
+            return url
+        return str(Path(url).resolve())
+
+    cfg.data.root, cfg.data.shards = fix(cfg.data.root), fix(cfg.data.shards)
+    cfg.checkpoint.storage_path = fix(cfg.checkpoint.storage_path)
+    cfg.model.pretrained = fix(cfg.model.pretrained)
+    return cfg
 
 
 # --------------------------------------------------------------------------- the trial
@@ -317,6 +368,7 @@ def run_search(spec: TuneSpec, *, resume: Optional[bool] = None, address: Option
     # One absolute store for the driver and every trial's rank 0 (workers run in other directories).
     uri = tracking.resolve_tracking_uri(spec.base.tracking.uri)
     spec.base.tracking.uri = uri
+    absolute_paths(spec.base)
     prepare_data(spec.base)  # once, before trials race to generate the same synthetic set
     ray_path, fs, exp_url = experiment_location(spec)
     can_restore = tune.Tuner.can_restore(ray_path, storage_filesystem=fs)
@@ -330,6 +382,10 @@ def run_search(spec: TuneSpec, *, resume: Optional[bool] = None, address: Option
     parent_run_id = start_parent_run(spec, uri, exp_url, reuse=restoring)
     trainable = make_trainable(spec, parent_run_id=parent_run_id, trials_storage=f"{exp_url}/trials")
     trainable = tune.with_resources(trainable, s.resources)
+    if s.scheduler == "none" and spec.base.eval.every_epochs != 1:
+        # Without ASHA the metric may come only with the final evaluation: epochs without it are
+        # fine for Tune's bookkeeping (validation already requires every-epoch eval for ASHA).
+        _set_env("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     if restoring:
         print(f"restoring search {exp_url} (finished trials are kept)")
         tuner = tune.Tuner.restore(ray_path, trainable=trainable,
@@ -395,8 +451,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
-        if "ray" in sys.modules:
-            sys.modules["ray"].shutdown()
+        shutdown_ray()
     print(format_summary(spec, summary))
     return summary
 
