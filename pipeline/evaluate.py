@@ -25,7 +25,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--json", help="also write the metrics to this JSON file")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. data.shards=s3://... eval.clip_len=8")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def parse_args(argv: Optional[list[str]] = None, *, prog: str = "pipeline.train"
     ap.add_argument("--resume", help="run directory (storage_path/name) or checkpoint URI to continue from")
     ap.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 data.clip_len=8")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # overrides may come before or after options
 
 
 def config_or_exit(args: argparse.Namespace) -> Config:

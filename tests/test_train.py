@@ -225,3 +225,33 @@ def test_evaluate_cli_on_export(tiny_shards, tmp_path, ray_shutdown, monkeypatch
     assert m["mAP"] == pytest.approx(final_meta["metrics"]["mAP"], abs=1e-6)  # same number standalone
     client, runs = _mlflow_runs(uri, "sta-tiny")
     assert any(r.data.tags.get("mode") == "evaluate" and "rr_mAP" in r.data.metrics for r in runs)
+
+
+def test_resume_stopped_run_and_from_checkpoint(tiny_shards, tmp_path, ray_shutdown, monkeypatch):
+    """`--resume <run dir>` continues the same run (epochs, steps, MLflow run); `--resume <checkpoint>`
+    starts a new run from that checkpoint's weights and position."""
+    from pipeline.train import main
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    raw, shards = tiny_shards
+    common = ["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.root={raw}", f"data.shards={shards}",
+              f"checkpoint.storage_path={tmp_path}/runs", f"tracking.uri={uri}", "scaling.num_workers=1",
+              "tracking.log_model=false", "checkpoint.keep=5"]
+    first = main(common + ["tracking.run_name=rs", "optim.epochs=1"])
+    assert first["epochs"] == 1
+    # A stopped run continued: same name, Ray restores its latest checkpoint, the MLflow run goes on.
+    cont = main(common + ["--resume", f"{tmp_path}/runs/rs", "optim.epochs=3"])
+    assert cont["epochs"] == 3 and cont["mlflow_run_id"] == first["mlflow_run_id"]
+    client, runs = _mlflow_runs(uri, "sta-tiny")
+    assert len(runs) == 1
+    assert [s for s, _ in _metric_steps(client, first["mlflow_run_id"], "epoch")] == [1, 2, 3]
+    steps = [v for _, v in _metric_steps(client, first["mlflow_run_id"], "global_step")]
+    assert steps == [steps[0] * e for e in (1, 2, 3)]
+    # From a checkpoint URI: a new run that starts at that checkpoint's epoch.
+    ck = f"{tmp_path}/runs/rs/checkpoint_epoch_0002"
+    new = main(common + ["--resume", ck, "tracking.run_name=from-ck", "optim.epochs=3"])
+    assert new["mlflow_run_id"] != first["mlflow_run_id"]
+    client, runs = _mlflow_runs(uri, "sta-tiny")
+    assert [s for s, _ in _metric_steps(client, new["mlflow_run_id"], "epoch")] == [3]
+    assert [v for _, v in _metric_steps(client, new["mlflow_run_id"], "global_step")] == [steps[0] * 3]
