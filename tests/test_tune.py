@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from pipeline.search_space import parse_tune_config
+from pipeline.search_space import load_tune_config, parse_tune_config
 from pipeline.tune import best_row, derive_max_concurrent, trial_resources, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,3 +145,63 @@ def test_search_asha_mlflow_best_config_and_restore(tmp_path, ray_cleanup):
         {k: (r["status"], r["epochs"], r["mAP"]) for k, r in rows.items()}
     assert len(client.search_runs([exp.experiment_id])) == 5  # no new child runs
     assert time.perf_counter() - t < first_seconds / 2
+
+
+@pytest.mark.slow
+def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, ray_cleanup):
+    """Ctrl-C (SIGINT) a running search after its first trial finished, then ``--resume`` it."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from pipeline.tune import run_search
+
+    src = small_spec(tmp_path, num_samples=1, max_concurrent=1, scheduler="none").source
+    # Two trials (a w_tri grid), one at a time, so the search is cut between them.
+    raw_yaml = {"base": {"config": src["base"]["config"], "overrides": src["base"]["overrides"]},
+                "search": {"loss.w_tri": {"grid": [0.5, 1.5]}}, "tune": src["tune"]}
+    cfg_path = tmp_path / "t.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw_yaml))
+    exp = tmp_path / "tune" / "search"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.tune", "--config", str(cfg_path)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 150
+        done_dirs: list[Path] = []
+        while time.time() < deadline and not done_dirs:
+            time.sleep(1.0)
+            for result in exp.glob("sta_trial_*/result.json"):
+                lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
+                if lines and lines[-1].get("done"):
+                    done_dirs.append(result.parent)
+        assert done_dirs, "no trial finished in time"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    finished_id = json.loads((done_dirs[0] / "result.json").read_text().splitlines()[-1])["trial_id"]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp_id = client.get_experiment_by_name("tune-test").experiment_id
+    before = {r.info.run_id: r for r in client.search_runs([exp_id])}
+    finished_run = next(r for r in before.values() if r.data.tags.get("tune.trial_id") == finished_id)
+    assert finished_run.info.status == "FINISHED"
+
+    resumed = run_search(load_tune_config(cfg_path), resume=True)
+    assert resumed["restored"] and resumed["num_trials"] == 2 and resumed["errors"] == 0
+    assert all(r["status"] == "finished" for r in resumed["rows"]), resumed["rows"]
+    after = client.search_runs([exp_id])
+    children = [r for r in after if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2  # the finished trial was not re-run into a new child run
+    assert len({r.data.tags["mlflow.parentRunId"] for r in children}) == 1
+    # The finished trial's run is untouched: same end time and one mAP point per epoch.
+    again = client.get_run(finished_run.info.run_id)
+    assert again.info.end_time == finished_run.info.end_time
+    assert len(client.get_metric_history(finished_run.info.run_id, "mAP")) == 4
+
