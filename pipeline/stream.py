@@ -126,40 +126,52 @@ def _pax(data: bytes) -> dict:
     return out
 
 
-def iter_tar(f, chunk: int = 1 << 20) -> Iterator[tuple[str, bytes]]:
+class _Chunks:
+    """Sequential reads of ~``chunk`` bytes; ``take(n)`` hands out the next n bytes as a zero-copy
+    memoryview of the current chunk (a copy only for the few members that straddle two chunks)."""
+
+    def __init__(self, f, chunk: int):
+        self.f, self.chunk = f, chunk
+        self.buf, self.view, self.pos, self.base = b"", memoryview(b""), 0, 0  # base: offset of buf[0]
+
+    @property
+    def offset(self) -> int:
+        return self.base + self.pos
+
+    def take(self, n: int):
+        """The next ``n`` bytes (fewer only at the end of the stream)."""
+        if self.pos + n <= len(self.buf):
+            self.pos += n
+            return self.view[self.pos - n:self.pos]
+        parts = [self.view[self.pos:]]
+        have = len(parts[0])
+        while have < n:
+            data = self.f.read(max(self.chunk, n - have))
+            self.base += len(self.buf)
+            self.buf, self.view, self.pos = data, memoryview(data), 0
+            if not data:
+                break
+            k = min(n - have, len(data))
+            parts.append(self.view[:k])
+            have, self.pos = have + k, k
+        return b"".join(parts)
+
+
+def iter_tar(f, chunk: int = 1 << 20) -> Iterator[tuple[str, memoryview | bytes]]:
     """Stream ``(name, data)`` of the regular files of a tar archive read from file object ``f``.
 
     Handles ustar, GNU long names and pax headers. Raises ``TarError`` on a bad header checksum,
     a member cut short, or a stream that ends without the end-of-archive block (a shard truncated
-    at a member boundary). Parses in place over ~1 MiB reads (no per-member read calls), since
-    training reads every frame of a shard but decodes only a few."""
-    buf, pos, base = b"", 0, 0  # base: stream offset of buf[0]
+    at a member boundary). Reads ~1 MiB at a time and hands out member data as read-only
+    memoryviews into those reads (bytes-like; ``bytes(data)`` for a copy): training reads every
+    frame of a shard but decodes only a few, so per-member copies and calls are what cost."""
+    src = _Chunks(f, chunk)
     long_name, pax = None, {}
-
-    def refill(need: int) -> None:
-        nonlocal buf, pos, base
-        while pos > len(buf):  # the previous member's padding lies beyond the buffer: skip it
-            data = f.read(min(chunk, pos - len(buf)))
-            if not data:
-                break
-            base, pos, buf = base + len(buf) + len(data), pos - len(buf) - len(data), b""
-        pos = min(pos, len(buf))
-        parts, have = [buf[pos:]], len(buf) - pos
-        while have < need:
-            data = f.read(max(chunk, need - have))
-            if not data:
-                break
-            parts.append(data)
-            have += len(data)
-        base += pos
-        buf, pos = b"".join(parts), 0
-
     while True:
-        if len(buf) - pos < 512:
-            refill(512)
-            if len(buf) < 512:
-                raise TarError(f"truncated: stream ends at byte {base + len(buf)} without end-of-archive")
-        hdr = buf[pos:pos + 512]
+        at = src.offset
+        hdr = bytes(src.take(512))
+        if len(hdr) < 512:
+            raise TarError(f"truncated: stream ends at byte {at + len(hdr)} without end-of-archive")
         if hdr == _ZERO_BLOCK:
             return
         # Fast path for the common "%011o\0" / "%06o\0 " fields; anything else (base-256, other
@@ -171,25 +183,22 @@ def iter_tar(f, chunk: int = 1 << 20) -> Iterator[tuple[str, bytes]]:
             try:
                 stored, size = _tar_number(hdr[148:156]), _tar_number(hdr[124:136])
             except ValueError:
-                raise TarError(f"corrupt header at byte {base + pos}") from None
+                raise TarError(f"corrupt header at byte {at}") from None
         # Byte sum of the header from adler32 (C speed; sum(hdr) was a quarter of the parsing time):
         # its low half is 1 + sum mod 65521, and a 512-byte sum is < 2 * 65521, so the sum is one
         # of two candidates; a stored checksum matching either is the exact sum check.
         low = (zlib.adler32(hdr) & 0xFFFF) - 1 - sum(hdr[148:156]) + 256
         if stored != low and stored != low + 65521 and not _signed_checksum_ok(hdr, stored):
-            raise TarError(f"corrupt header at byte {base + pos} (checksum mismatch)")
+            raise TarError(f"corrupt header at byte {at} (checksum mismatch)")
         kind = hdr[156:157]
         if pax and kind not in (b"x", b"g", b"L") and "size" in pax:
             size = int(pax["size"])
-        end = pos + 512 + size
-        if end > len(buf):
-            refill(end - pos)
-            end = 512 + size
-            if end > len(buf):
-                raise TarError(f"truncated inside member {_tar_str(hdr[:100])!r} "
-                               f"(stream ends at byte {base + len(buf)})")
-        data = buf[end - size:end]
-        pos = end + (-size % 512)
+        data = src.take(size)
+        if len(data) < size:
+            raise TarError(f"truncated inside member {_tar_str(hdr[:100])!r} "
+                           f"(stream ends at byte {src.offset})")
+        if size % 512:
+            src.take(512 - size % 512)  # padding; a short read surfaces at the next header
         if kind == b"0" or kind == b"\0" or kind == b"7":
             if pax and "path" in pax:
                 name = pax["path"]
@@ -202,9 +211,9 @@ def iter_tar(f, chunk: int = 1 << 20) -> Iterator[tuple[str, bytes]]:
             yield name, data
             long_name, pax = None, {}
         elif kind == b"x":
-            pax = _pax(data)
+            pax = _pax(bytes(data))
         elif kind == b"L":
-            long_name = _tar_str(data)
+            long_name = _tar_str(bytes(data))
         elif kind != b"g":
             long_name, pax = None, {}
 
@@ -235,7 +244,7 @@ def _make_sample(key: str, members: dict, where: str) -> tuple[dict, list[bytes]
     if "json" not in members:
         raise ValueError(f"sample {key!r} has no {key}.json")
     try:
-        meta = json.loads(members.pop("json"))
+        meta = json.loads(bytes(members.pop("json")))
     except ValueError as e:
         raise ValueError(f"sample {key!r}: bad json ({e})") from None
     for field in ("pid", "camid", "n_frames", "index"):
@@ -253,7 +262,8 @@ def _make_sample(key: str, members: dict, where: str) -> tuple[dict, list[bytes]
 def iter_samples(shard_url, skips: _Skips | None = None, *, part: int = 0, parts: int = 1
                  ) -> Iterator[tuple[int, dict, list[bytes]]]:
     """Stream the valid samples of one shard as ``(position, meta, frames)``; ``frames`` are the
-    raw encoded bytes in temporal order, ``position`` counts every sample of the shard.
+    raw encoded frames (bytes-like, see ``iter_tar``) in temporal order, ``position`` counts every
+    sample of the shard.
 
     Only positions with ``position % parts == part`` are validated and yielded (co-readers of a
     shard split it this way). A bad sample is counted in ``skips`` by its owner; a truncated or
