@@ -91,7 +91,7 @@ def _loader_profile(url: str, common: dict) -> dict:
     """The loader worker's time by kind, from cProfile of the in-process stream."""
     from pipeline.stream import train_loader
 
-    prof = cProfile.Profile()
+    prof = cProfile.Profile(time.process_time)  # CPU time: robust to other load on the machine
     prof.enable()
     for _ in train_loader(url, epoch=1, num_workers=0, normalize=False, **common):
         pass
@@ -156,26 +156,29 @@ def main(argv=None) -> int:
     it = iter(train_loader(url, epoch=0, num_workers=a.num_workers, **common))
     next(it), next(it)  # worker start-up and first pool read are not steady state
     t_all = time.perf_counter()
+    cpu = {k: 0.0 for k in phases}  # CPU seconds of this process per phase (load-robust)
     for _ in range(a.steps):
-        t0 = time.perf_counter()
+        marks = [(time.perf_counter(), time.process_time())]
         batch = next(it)
-        t1 = time.perf_counter()
+        marks.append((time.perf_counter(), time.process_time()))
         out = engine(batch["clips"].to(dtype=dtype))
-        t2 = time.perf_counter()
+        marks.append((time.perf_counter(), time.process_time()))
         losses = combined_loss(out, batch["pids"], w_tri=L.w_tri, w_ce=L.w_ce, lambda_reg=L.lambda_reg,
                                margin=L.margin, soft_margin=L.soft_margin, label_smoothing=L.label_smoothing)
-        t3 = time.perf_counter()
+        marks.append((time.perf_counter(), time.process_time()))
         engine.backward(losses["total"])
-        t4 = time.perf_counter()
+        marks.append((time.perf_counter(), time.process_time()))
         engine.step()
-        t5 = time.perf_counter()
-        for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
-            phases[k].append(dt)
+        marks.append((time.perf_counter(), time.process_time()))
+        for i, k in enumerate(phases):
+            phases[k].append(marks[i + 1][0] - marks[i][0])
+            cpu[k] += marks[i + 1][1] - marks[i][1]
     wall = time.perf_counter() - t_all
     with tempfile.TemporaryDirectory() as ck:
         t0 = time.perf_counter()
         ckpt_lib.save(engine, ck, rank=0, cfg=cfg, meta={"epoch": 0})
         ckpt_s = time.perf_counter() - t0
+        ckpt_mb = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(ck) for f in fs) / 2**20
     loader = _loader_profile(url, common)
 
     step_sum = {k: sum(v) for k, v in phases.items()}
@@ -184,14 +187,16 @@ def main(argv=None) -> int:
            "steps": a.steps, "num_workers": a.num_workers, "wall_s": wall,
            "step_ms_median": 1e3 * statistics.median(sum(x) for x in zip(*phases.values())),
            "phase_s": step_sum, "phase_pct": {k: 100 * v / total for k, v in step_sum.items()},
-           "checkpoint_save_s": ckpt_s, "loader_worker_inprocess": loader,
+           "phase_cpu_s": cpu, "phase_cpu_pct": {k: 100 * v / sum(cpu.values()) for k, v in cpu.items()},
+           "checkpoint_save_s": ckpt_s, "checkpoint_mb": ckpt_mb, "loader_worker_inprocess": loader,
            "loadavg": os.getloadavg(), "cpu_count": os.cpu_count()}
     print(f"training worker, {a.steps} steps, batch {tuple(res['batch'])}, tiny trunk, "
           f"{a.num_workers} loader worker(s), load {res['loadavg'][0]:.1f} on {os.cpu_count()} CPUs")
     for k, v in step_sum.items():
-        print(f"  {k:<10}{1e3 * v / a.steps:8.1f} ms/step {res['phase_pct'][k]:6.1f}%")
-    print(f"  checkpoint save {ckpt_s:.2f} s (once per checkpoint_every epochs)")
-    print(f"  loader worker (in-process, {a.steps + 2} batches): " +
+        print(f"  {k:<10}{1e3 * v / a.steps:8.1f} ms/step {res['phase_pct'][k]:6.1f}% wall | "
+              f"{1e3 * cpu[k] / a.steps:8.1f} ms/step {res['phase_cpu_pct'][k]:6.1f}% CPU")
+    print(f"  checkpoint save {ckpt_s:.2f} s, {ckpt_mb:.1f} MB (once per checkpoint.every_epochs)")
+    print(f"  loader worker (in-process, CPU s, {a.steps + 2} batches): " +
           ", ".join(f"{k} {v:.2f}" for k, v in loader.items()))
     if a.memory:
         res["memory"] = _memory([f"data.p={d.p}", f"data.k={d.k}"])
