@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the result rows here")
     ap.add_argument("--noise", type=float, default=2.8)
     ap.add_argument("--threads", type=int, default=None, help="threads per measurement (default: library default)")
+    ap.add_argument("--only", choices=("eval", "rerank"), default=None, help="run one of the two benchmarks")
     ap.add_argument("--_worker"), ap.add_argument("--_data"), ap.add_argument("--_out")
     a = ap.parse_args()
     if a._worker:
@@ -118,7 +119,7 @@ def main() -> None:
         ld = lambda n: np.load(os.path.join(tmp, n + ".npy"))  # noqa: E731
         labels = (ld("q_pids"), ld("g_pids"), ld("q_cams"), ld("g_cams"))
         rows = []
-        for what in ("eval", "rerank"):
+        for what in (a.only,) if a.only else ("eval", "rerank"):
             runs = {"vec": [], "loop": []}
             for r in range(a.repeats):
                 for impl in ("vec", "loop"):
