@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/run_all.py --repeats 5 [--eval-repeats N] [--skip eval_speed ...]
 
+``--skip`` keeps a bench's last results (dated in the table) instead of re-running it.
+
 Runs, each in its own process with ``--repeats N --json bench/results/<name>.json``:
 ``bench/eval_speed.py`` (vectorised evaluate_rank / re_ranking vs. the plain loops),
 ``bench/data_throughput.py`` (shard stream vs. per-file loader and raw decode),
@@ -61,8 +63,17 @@ def _rows(name: str, res: dict) -> list[str]:
                                                   ">= 2x", 2.0),
                   "stream_local_vs_raw_decode": ("stream float32", "raw JPEG decode, 1 core", ">= 0.70x", 0.7),
                   "stream_local_u8_vs_raw_decode": ("stream uint8", "raw JPEG decode, 1 core", ">= 0.70x", 0.7),
+                  "stream_local_vs_per_file_cpu": ("stream float32, frames per CPU-s", "per-file loader, per CPU-s",
+                                                   ">= 2x", 2.0),
+                  "stream_local_u8_vs_per_file_cpu": ("stream uint8, frames per CPU-s", "per-file loader, per CPU-s",
+                                                      ">= 2x", 2.0),
+                  "stream_local_vs_raw_decode_cpu": ("stream float32, frames per CPU-s", "raw decode, per CPU-s",
+                                                     ">= 0.70x", 0.7),
+                  "stream_local_u8_vs_raw_decode_cpu": ("stream uint8, frames per CPU-s", "raw decode, per CPU-s",
+                                                        ">= 0.70x", 0.7),
                   "stream_s3_vs_per_file": ("stream over S3 (moto)", "per-file loader", "-", None),
-                  "per_file_vs_raw_decode": ("per-file loader", "raw JPEG decode, 1 core", "-", None)}
+                  "per_file_vs_raw_decode": ("per-file loader", "raw JPEG decode, 1 core", "-", None),
+                  "per_file_vs_raw_decode_cpu": ("per-file loader, per CPU-s", "raw decode, per CPU-s", "-", None)}
         for key, r in res["ratios"].items():
             what, base, target, thr = labels.get(key, (key, "", "-", None))
             out.append(_row(name, what, r, base, target, None if thr is None else r["median"] >= thr))
@@ -88,7 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--eval-repeats", type=int, default=None,
                     help="repeats for eval_speed (its loop baselines are the slowest)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=BENCHES)
+    ap.add_argument("--skip", nargs="*", default=[], choices=BENCHES,
+                    help="do not re-run these; their last JSON in bench/results/ is reported, dated")
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
     a = ap.parse_args(argv)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
@@ -96,11 +108,18 @@ def main(argv=None) -> int:
     t_start = time.time()
     results, notes, rows = {}, [], []
     for name in BENCHES:
+        js = os.path.join(HERE, "results", f"{name}.json")
         if name in a.skip:
-            notes.append(f"{name}: skipped (--skip)")
+            if os.path.exists(js):  # keep the last measured rows, and say when they were measured
+                with open(js) as f:
+                    results[name] = json.load(f)
+                rows += _rows(name, results[name])
+                when = datetime.datetime.fromtimestamp(os.path.getmtime(js), datetime.timezone.utc)
+                notes.append(f"{name}: not re-run (--skip), rows from its run of {when:%Y-%m-%d %H:%M} UTC")
+            else:
+                notes.append(f"{name}: skipped (--skip)")
             continue
         reps = a.eval_repeats if name == "eval_speed" and a.eval_repeats else a.repeats
-        js = os.path.join(HERE, "results", f"{name}.json")
         cmd = [sys.executable, os.path.join(HERE, f"{name}.py"), "--repeats", str(reps), "--json", js]
         if name == "data_throughput":  # the generated JPEG data set is reused across runs
             cmd += ["--workdir", os.path.join(HERE, "results", "data_throughput_data")]
@@ -113,7 +132,6 @@ def main(argv=None) -> int:
             continue
         with open(js) as f:
             results[name] = json.load(f)
-        os.utime(js)
         rows += _rows(name, results[name])
         notes.append(f"{name}: {reps} repeats, {dt:.0f} s")
 
