@@ -26,6 +26,9 @@ from sta_model.losses import combined_loss
 log = logging.getLogger("pipeline.worker")
 
 LOSS_KEYS = ("total", "triplet", "ce", "reg")
+# Epoch metrics drawn in curves.png, grouped into panels by the prefix before "/".
+CURVES = {**{f"loss_{k}": f"loss/{k}" for k in LOSS_KEYS}, "lr": "lr/lr", "clips_per_s": "throughput/clips_per_s",
+          "mAP": "eval/mAP", "rank1": "eval/rank1", "rr_mAP": "eval/rr_mAP", "rr_rank1": "eval/rr_rank1"}
 
 
 def batches_per_epoch(cfg: Config, num_train_ids: int, world_size: int) -> int:
@@ -240,8 +243,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, epoch + 1)
             for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    history.setdefault(k, []).append((epoch + 1, v))
+                if k in CURVES:
+                    history.setdefault(CURVES[k], []).append((epoch + 1, v))
         report_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         report_metrics["mlflow_run_id"] = meta["mlflow_run_id"] or ""
         if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or is_last:
