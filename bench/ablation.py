@@ -78,6 +78,11 @@ def paired(a: dict, b: dict) -> dict | None:
     return stats([a["by_seed"][s] - b["by_seed"][s] for s in seeds]) if seeds else None
 
 
+def _max_only_weakest(groups: dict[str, dict]) -> bool:
+    g = groups.get("variants") or {}
+    return "sta_max_only" in g and min(g, key=lambda k: g[k]["mAP"]["mean"]) == "sta_max_only"
+
+
 def figure(groups: dict[str, dict], path: Path) -> Path:
     panels = [(name, g) for name, g in groups.items() if g]
     fig = _new_figure(4.2 * len(panels), 3.8)
@@ -157,6 +162,19 @@ def main(argv=None) -> str:
                     lines.append(f"- STA − {LABELS[other]}: {e['mean']:+.1f} mAP points "
                                  f"(per seed {e['min']:+.1f} to {e['max']:+.1f})")
             lines.append("")
+    lines += ["## Reading the numbers", "",
+              f"- The test set is {s.num_test_ids} identities, so one query moves Rank-1 by several points and the "
+              "seed spread is of the same order as most differences: only gaps whose sign holds for every seed are "
+              "worth quoting, and even those are for this toy budget, not a replication of the paper.",
+              "- STA's attention has no learned parameters: a stripe's score is its share of the squared activation "
+              "energy. The paper computes it on an ImageNet-pretrained ResNet-50, whose energy already concentrates "
+              "on the person; here the tiny trunk starts from random weights and trains for a few hundred steps, so "
+              "high energy can just as well mark an occluder's edges or texture. The max-importance branch then "
+              "copies such a stripe verbatim, while the weighted sum (and plain temporal pooling) averages it away"
+              + (" — consistent with the max-only variant being the weakest here." if _max_only_weakest(groups) else
+                 "; the runs here do not show the max-only variant as the weakest, though.")
+              + " This is a hypothesis the runs here do not test (that would take a pretrained trunk or "
+              "longer training).", ""]
     if groups:
         png = figure(groups, Path(args.out) / "ablation_mAP.png")
         lines += ["## Figure", "", f"![mAP per setting, bars = mean ± std, dots = seeds]({png.name})", ""]

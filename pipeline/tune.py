@@ -246,11 +246,10 @@ def close_child_runs(uri: str, rows: list[dict[str, Any]]) -> None:
     client = MlflowClient(uri)
     for row in rows:
         rid = row.get("mlflow_run_id")
-        if not rid or row["status"] == "finished":
+        if not rid:
             continue
-        run = client.get_run(rid)
-        client.set_tag(rid, "tune.status", row["status"])
-        if run.info.status == "RUNNING":
+        client.set_tag(rid, "tune.status", row["status"])  # rewritten when a restored trial finishes
+        if row["status"] != "finished" and client.get_run(rid).info.status == "RUNNING":
             client.set_terminated(rid, status="KILLED" if row["status"] == "stopped" else "FAILED")
 
 

@@ -1,4 +1,5 @@
 """pipeline.tune: resource arithmetic, result handling, and a real 4-trial ASHA search on local Ray."""
+import json
 import time
 from pathlib import Path
 
@@ -91,7 +92,9 @@ def test_search_asha_mlflow_best_config_and_restore(tmp_path, ray_cleanup):
     assert s["num_trials"] == 4 and s["errors"] == 0, s["rows"]
     stopped = [r for r in rows.values() if r["status"] == "stopped"]
     assert stopped, "ASHA stopped no trial"
-    assert all(r["optim.lr"] == 1e-9 and r["epochs"] < 4 for r in stopped)
+    assert all(r["epochs"] < 4 for r in stopped)
+    # A frozen (lr 1e-9) trial can only pass a rung where it reports first; not both of them can.
+    assert any(r["optim.lr"] == 1e-9 for r in stopped)
     assert all(r["epochs"] == 4 for r in rows.values() if r["status"] == "finished")
     # Stopped trials took their training workers (and placement groups) with them.
     total, free = _free_cpus_settle(ray)
@@ -108,7 +111,7 @@ def test_search_asha_mlflow_best_config_and_restore(tmp_path, ray_cleanup):
     assert [p.info.run_id for p in parents] == [s["parent_run_id"]]
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert yaml.safe_load(parent.data.params["search.optim.lr"]) == {"grid": [0.003, 1e-9]}
+    assert json.loads(parent.data.params["search.optim.lr"]) == {"grid": [0.003, 1e-9]}
     assert parent.data.params["tune.num_samples"] == "2" and parent.data.params["tune.scheduler"] == "asha"
     assert parent.data.metrics["tune.stopped"] == len(stopped)
     assert len(children) == 4
@@ -150,7 +153,6 @@ def test_search_asha_mlflow_best_config_and_restore(tmp_path, ray_cleanup):
 @pytest.mark.slow
 def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, ray_cleanup):
     """Ctrl-C (SIGINT) a running search after its first trial finished, then ``--resume`` it."""
-    import json
     import os
     import signal
     import subprocess
@@ -170,22 +172,21 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.tune", "--config", str(cfg_path)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 150
-        done_dirs: list[Path] = []
-        while time.time() < deadline and not done_dirs:
+        # One trial at a time: the second trial's directory appears once the first has finished.
+        deadline = time.time() + 200
+        while time.time() < deadline and len(list(exp.glob("sta_trial_*"))) < 2:
             time.sleep(1.0)
-            for result in exp.glob("sta_trial_*/result.json"):
-                lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
-                if lines and lines[-1].get("done"):
-                    done_dirs.append(result.parent)
-        assert done_dirs, "no trial finished in time"
+        trial_dirs = sorted(exp.glob("sta_trial_*"))
+        assert len(trial_dirs) == 2, "the first trial did not finish in time"
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=90)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    finished_id = json.loads((done_dirs[0] / "result.json").read_text().splitlines()[-1])["trial_id"]
+    last = json.loads((trial_dirs[0] / "result.json").read_text().splitlines()[-1])
+    assert last["training_iteration"] == 4
+    finished_id = last["trial_id"]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp_id = client.get_experiment_by_name("tune-test").experiment_id
