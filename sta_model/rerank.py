@@ -28,13 +28,62 @@ def _as_float32(x) -> torch.Tensor:
     return t.float().contiguous()
 
 
+def _smallest(parts, k: int, chunk: int = 32):
+    """``k`` smallest values per row (ascending) and their column indices over the columns of
+    ``parts`` (a list of ``(b, w)`` row blocks with their first column index), without a full
+    ``topk``: each part is cut into column chunks of ``chunk``; the ``k`` chunks with the smallest
+    minima hold the ``k`` smallest values (every chunk holding one of them has a minimum at most
+    that value, and fewer than ``k`` other chunks can have a smaller minimum), so ``topk`` runs
+    only over those chunks plus the leftover columns of each part."""
+    b = parts[0][0].shape[0]
+    mins, bases, owner, tails_v, tails_i = [], [], [], [], []
+    for p, (blk, col0) in enumerate(parts):
+        w = blk.shape[1]
+        n = w // chunk * chunk
+        if n:
+            mins.append(blk[:, :n].reshape(b, n // chunk, chunk).amin(2))
+            bases.append(torch.arange(col0, col0 + n, chunk))
+            owner.append(torch.full((n // chunk,), p))
+        if n < w:
+            tails_v.append(blk[:, n:])
+            tails_i.append(torch.arange(col0 + n, col0 + w).expand(b, w - n))
+    cand_v, cand_i = tails_v, tails_i
+    if mins:
+        mins, bases, owner = torch.cat(mins, 1), torch.cat(bases), torch.cat(owner)
+        sel = mins.topk(min(k, mins.shape[1]), dim=1, largest=False, sorted=False).indices
+        sel_owner = owner[sel]
+        first = torch.cumsum(torch.tensor([0] + [m.shape[1] // chunk * chunk // chunk for m, _ in parts]), 0)
+        vals = None
+        for p, (blk, _) in enumerate(parts):
+            nc = blk.shape[1] // chunk
+            if not nc:
+                continue
+            loc = (sel - first[p]).clamp_(0, nc - 1)
+            g = blk[:, :nc * chunk].reshape(b, nc, chunk).gather(1, loc[..., None].expand(-1, -1, chunk))
+            vals = g if vals is None else torch.where((sel_owner == p)[..., None], g, vals)
+        idx = bases[sel][..., None] + torch.arange(chunk)
+        cand_v, cand_i = [vals.flatten(1)] + tails_v, [idx.flatten(1)] + tails_i
+    cv, ci = torch.cat(cand_v, 1), torch.cat(cand_i, 1)
+    kk = min(k + 1, cv.shape[1])  # one more to see ties at the cut
+    v, pos = cv.topk(kk, dim=1, largest=False, sorted=True)
+    idx = ci.gather(1, pos)
+    tied = (v[:, 1:] == v[:, :-1]).any(1).nonzero().squeeze(1)
+    if tied.numel():  # equal distances: lower column index first (a stable sort of the row)
+        o = ci[tied].argsort(1)
+        tv, ti = cv[tied].gather(1, o), ci[tied].gather(1, o)
+        tv, o = tv.sort(dim=1, stable=True)
+        v[tied], idx[tied] = tv[:, :kk], ti.gather(1, o[:, :kk])
+    return v[:, :k], idx[:, :k]
+
+
 def _pass_distances(x: torch.Tensor, nq: int, k1: int, block_rows: int):
     """Top ``k1 + 1`` neighbours (indices, distances) and row maxima of all rows, and the
     normalised query x gallery block.
 
     Row panels are visited in order; panel I computes only its columns from I on (the matrix is
     symmetric) and takes the columns before I from the transposes of earlier panels, which are
-    kept until used (at most half the matrix) — half the matrix products of a full pass.
+    kept until used (at most half the matrix) and copied into a reused buffer — half the matrix
+    products of a full pass, no joined rows.
     """
     N = x.shape[0]
     sq = x.pow(2).sum(1)
@@ -42,17 +91,24 @@ def _pass_distances(x: torch.Tensor, nq: int, k1: int, block_rows: int):
     topv = torch.empty(N, k1 + 1)
     rowmax = torch.empty(N)
     orig_qg = torch.empty(nq, N - nq)
+    left = torch.empty(min(block_rows, N), N)  # columns before the panel, from earlier panels
     earlier = []  # (start, panel of columns start..N) of the panels done so far
     for s in range(0, N, block_rows):
         e = min(N, s + block_rows)
-        fresh = torch.addmm(sq[s:e, None] + sq[None, s:], x[s:e], x[s:].t(), beta=1, alpha=-2)
-        d = torch.cat([p[:, s - t:e - t].t() for t, p in earlier] + [fresh], 1)
+        b = e - s
+        fresh = torch.add(sq[s:e, None], sq[None, s:]).addmm_(x[s:e], x[s:].t(), alpha=-2)
+        for t, p in earlier:
+            left[:b, t:t + p.shape[0]].copy_(p[:, s - t:e - t].t())
         earlier.append((s, fresh))
-        rowmax[s:e] = d.amax(1)
-        topv[s:e], top[s:e] = d.topk(k1 + 1, dim=1, largest=False, sorted=True)
+        parts = [(fresh, s)]
+        rowmax[s:e] = fresh.amax(1)
+        if s:
+            parts.insert(0, (left[:b, :s], 0))
+            torch.maximum(rowmax[s:e], left[:b, :s].amax(1), out=rowmax[s:e])
+        topv[s:e], top[s:e] = _smallest(parts, k1 + 1)
         if s < nq:
             qe = min(e, nq)
-            orig_qg[s:qe] = d[: qe - s, nq:] / rowmax[s:qe, None]
+            torch.div(fresh[: qe - s, nq - s:], rowmax[s:qe, None], out=orig_qg[s:qe])
     return sq, top, topv, rowmax, orig_qg
 
 
