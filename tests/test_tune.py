@@ -123,7 +123,10 @@ def test_search_asha_mlflow_best_config_and_restore(tmp_path, ray_cleanup):
         assert child.data.params["eval.every_epochs"] == "1"
         assert child.data.tags["tune.trial_id"].endswith(row["trial_id"])
         history = client.get_metric_history(child.info.run_id, "mAP")
-        assert sorted(m.step for m in history) == list(range(1, row["epochs"] + 1))
+        steps = sorted(m.step for m in history)
+        # A stopped trial may log an epoch or so more than Tune saw before the stop reached it.
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= row["epochs"]
+        assert len(steps) == 4 if row["status"] == "finished" else len(steps) < 4
         assert child.info.status == ("KILLED" if row["status"] == "stopped" else "FINISHED")
 
     # Artifacts of the parent and the best config, ready to train.
