@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from pipeline.config import Config
 from pipeline.stream import eval_loader, read_manifest
+from pipeline.transforms import model_input
 from sta_model.distance import euclidean_squared
 from sta_model.metrics import evaluate_rank
 
@@ -47,13 +48,14 @@ def extract(forward: Callable[[torch.Tensor], torch.Tensor], cfg: Config, split:
     skipped = torch.zeros(1, dtype=torch.long, device=device)
     loader = eval_loader(url, split, clip_len=cfg.eval.clip_len, height=cfg.data.height, width=cfg.data.width,
                          rank=rank, world_size=world_size, num_workers=cfg.eval.num_workers,
-                         clips_per_batch=cfg.eval.clips_per_batch)
+                         clips_per_batch=cfg.eval.clips_per_batch, normalize=False,
+                         pin_memory=device.type == "cuda")
     for batch in loader:
         skipped += int(batch["skipped"])
         if batch["clips"].shape[0] == 0:
             continue
         idx = batch["index"].to(device)
-        emb = forward(batch["clips"].to(device=device, dtype=dtype, non_blocking=True)).float()
+        emb = forward(model_input(batch["clips"], device, dtype)).float()
         sums.index_add_(0, idx, emb)
         counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
         meta[0, idx] = batch["pids"].to(device)

@@ -105,3 +105,12 @@ def normalize_clips(frames, mean, std, out: torch.Tensor | None = None) -> torch
         out = torch.empty(src.shape, dtype=torch.float32, device=src.device)
     out.copy_(src)
     return out.mul_(1.0 / (255.0 * std_t)).add_(-mean_t / std_t)
+
+
+def model_input(clips: torch.Tensor, device: torch.device, dtype: torch.dtype, mean=None, std=None) -> torch.Tensor:
+    """A loader batch as the model's input on ``device``: uint8 ``(B, N, H, W, 3)`` clips are moved
+    first and normalised there (4x fewer bytes over PCIe/between processes); float clips are moved."""
+    if clips.dtype == torch.uint8:
+        clips = normalize_clips(clips.to(device, non_blocking=True),
+                                IMAGENET_MEAN if mean is None else mean, IMAGENET_STD if std is None else std)
+    return clips.to(device=device, dtype=dtype, non_blocking=True)

@@ -20,8 +20,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 DPI = 100
 CMC_SIZE = (6.4, 4.8)  # inches
 ATTENTION_ROW_HEIGHT = 3.2  # inches per query clip

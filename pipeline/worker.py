@@ -21,6 +21,7 @@ import torch.distributed as dist
 from pipeline import checkpoint as ckpt_lib
 from pipeline.config import Config, config_from_dict
 from pipeline.engine import autocast_dtype, build_engine
+from pipeline.transforms import model_input
 from sta_model.losses import combined_loss
 
 log = logging.getLogger("pipeline.worker")
@@ -40,7 +41,7 @@ def batches_per_epoch(cfg: Config, num_train_ids: int, world_size: int) -> int:
 
 def train_step(engine, batch: dict, cfg: Config, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     """Forward, loss dict, DeepSpeed backward+step. Returns detached loss terms (no host sync)."""
-    clips = batch["clips"].to(device=device, dtype=dtype, non_blocking=True)
+    clips = model_input(batch["clips"], device, dtype)
     pids = batch["pids"].to(device=device, non_blocking=True)
     out = engine(clips)
     # Losses in fp32 whatever the engine's precision: margins and log-softmax need the range.
@@ -84,7 +85,7 @@ def run_epoch(engine, batches: Iterable[dict], cfg: Config, *, dtype: torch.dtyp
         window += vec
         n_batches += 1
         n_clips += batch["clips"].shape[0]
-        n_frames += batch["clips"].shape[0] * batch["clips"].shape[1]
+        n_frames += batch["clips"].shape[0] * batch["clips"].shape[1]  # (B, N, ...) in both layouts
         if on_log is not None and n_batches % every == 0:
             avg = _reduce_mean(window / every, world_size).tolist()
             on_log(engine.global_steps, {f"step/loss_{k}": v for k, v in zip(LOSS_KEYS, avg)}
@@ -211,7 +212,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                               epoch=epoch, seed=cfg.seed, rank=rank, world_size=world,
                               num_workers=cfg.data.num_workers, hflip=cfg.data.hflip,
                               random_erasing=cfg.data.random_erasing, pin_memory=device.type == "cuda",
-                              prefetch_factor=cfg.data.prefetch_factor)
+                              prefetch_factor=cfg.data.prefetch_factor, normalize=False)
         metrics = run_epoch(engine, loader, cfg, dtype=dtype, device=device, world_size=world, on_log=on_log)
         metrics["epoch"] = epoch + 1
         metrics["num_nodes"] = num_nodes

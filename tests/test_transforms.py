@@ -114,3 +114,18 @@ def test_erase_box_within_bounds_and_mean_fill():
         y, x, h, w = box
         assert 0 < h < 32 and 0 < w < 16 and 0 <= y and y + h <= 32 and 0 <= x and x + w <= 16
     assert mean_fill(IMAGENET_MEAN).tolist() == [124, 116, 104]
+
+
+def test_model_input_normalises_uint8_like_the_float_path():
+    import torch
+
+    from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, model_input, normalize_clips
+
+    u8 = torch.randint(0, 256, (2, 3, 8, 4, 3), dtype=torch.uint8)
+    want = normalize_clips(u8, IMAGENET_MEAN, IMAGENET_STD)
+    got = model_input(u8, torch.device("cpu"), torch.float32)
+    assert got.shape == (2, 3, 3, 8, 4)
+    torch.testing.assert_close(got, want)
+    # float input passes through (already normalised by the loader), cast to the engine's dtype
+    assert model_input(want, torch.device("cpu"), torch.bfloat16).dtype == torch.bfloat16
+    torch.testing.assert_close(model_input(want, torch.device("cpu"), torch.float32), want)
