@@ -50,6 +50,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import free_port  # noqa: E402
 
 from pipeline import storage  # noqa: E402
 from pipeline.datasets import load_dataset  # noqa: E402
@@ -149,11 +150,6 @@ def _time_loader(make, n_batches):
     return {"steady_s": t2 - t1, "total_s": t2 - t0, "cpu_s": cpu, "batches": n, "skipped": skipped}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -213,7 +209,7 @@ def main(argv=None) -> int:
     if a.s3:
         from moto.server import ThreadedMotoServer
 
-        port = _free_port()
+        port = free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
         server.start()
         os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
