@@ -37,7 +37,6 @@ import json
 import os
 import random
 import resource
-import socket
 import statistics
 import sys
 import tempfile
