@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -52,11 +53,27 @@ def _row(bench, what, r, baseline, target, ok=None):
 def _rows(name: str, res: dict) -> list[str]:
     out = []
     if name == "eval_speed":
+        # Issue targets: evaluate_rank <= 0.5 s at MARS size with identical numbers; re_ranking >= 10x
+        # the plain algorithm, peak <= 1.5 GB, max abs diff <= 1e-3. Wall and CPU-time ratios both shown:
+        # on a shared machine the CPU-time ratio is the one other load does not distort.
         for r in res["rows"]:
             mm = {"min": r["ratio_min"], "median": r["ratio_median"], "max": r["ratio_max"]}
-            fn = "evaluate_rank" if r["name"] == "eval" else "re_ranking"
-            out.append(_row(name, f"{fn} speed-up (peak +{r['vec_peak_mb']:.0f} MB vs "
-                            f"+{r['loop_peak_mb']:.0f} MB)", mm, "plain loop", "> 1x"))
+            cpu = sorted(lo / v for lo, v in zip(r["loop_cpu_s"], r["vec_cpu_s"]))
+            mm_cpu = {"min": cpu[0], "median": statistics.median(cpu), "max": cpu[-1]}
+            if r["name"] == "eval":
+                best = min(r["vec_s"])
+                exact = r["cmc_max_abs_diff"] == 0 and r["map_abs_diff"] == 0
+                out.append(_row(name, f"evaluate_rank (fastest {best:.2f} s wall, {min(r['vec_cpu_s']):.2f} s CPU; "
+                                f"identical: {exact})", mm, "plain per-query loop", "<= 0.5 s, identical",
+                                best <= 0.5 and exact))
+                out.append(_row(name, "evaluate_rank, CPU time", mm_cpu, "plain per-query loop, CPU time", "-"))
+            else:
+                fits = r["vec_peak_mb"] <= 1536 and r["max_abs_diff"] <= 1e-3
+                out.append(_row(name, f"re_ranking (peak +{r['vec_peak_mb']:.0f} MB vs +{r['loop_peak_mb']:.0f} MB, "
+                                f"max diff {r['max_abs_diff']:.1e})", mm, "plain loop algorithm (numpy)",
+                                ">= 10x, <= 1.5 GB, diff <= 1e-3", r["ratio_median"] >= 10 and fits))
+                out.append(_row(name, "re_ranking, CPU time", mm_cpu, "plain loop algorithm, CPU time", ">= 10x",
+                                mm_cpu["median"] >= 10 and fits))
     elif name == "data_throughput":
         labels = {"stream_local_vs_per_file": ("stream float32", "per-file loader", ">= 2x", 2.0),
                   "stream_local_u8_vs_per_file": ("stream uint8 (normalise on device)", "per-file loader",
