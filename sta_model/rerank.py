@@ -48,9 +48,15 @@ def _smallest(parts, k: int, chunk: int = 32):
             tails_v.append(blk[:, n:])
             tails_i.append(torch.arange(col0 + n, col0 + w).expand(b, w - n))
     cand_v, cand_i = tails_v, tails_i
-    if mins:
+    if not mins:
+        mins = None
+    else:
         mins, bases, owner = torch.cat(mins, 1), torch.cat(bases), torch.cat(owner)
-        sel = mins.topk(min(k, mins.shape[1]), dim=1, largest=False, sorted=False).indices
+        kc = min(k, mins.shape[1])
+        mv, sel = mins.topk(kc, dim=1, largest=False, sorted=False)
+        # Rows where more chunks than kc share the kc-th smallest minimum: ties decided by
+        # topk, not by column order -> those (rare) rows are sorted in full below.
+        amb = ((mins <= mv.amax(1, keepdim=True)).sum(1) > kc).nonzero().squeeze(1)
         sel_owner = owner[sel]
         first = torch.cumsum(torch.tensor([0] + [m.shape[1] // chunk * chunk // chunk for m, _ in parts]), 0)
         vals = None
@@ -73,7 +79,13 @@ def _smallest(parts, k: int, chunk: int = 32):
         tv, ti = cv[tied].gather(1, o), ci[tied].gather(1, o)
         tv, o = tv.sort(dim=1, stable=True)
         v[tied], idx[tied] = tv[:, :kk], ti.gather(1, o[:, :kk])
-    return v[:, :k], idx[:, :k]
+    v, idx = v[:, :k], idx[:, :k]
+    if mins is not None and amb.numel():
+        rv = torch.cat([blk[amb] for blk, _ in parts], 1)
+        rv, o = rv.sort(dim=1, stable=True)
+        ri = torch.cat([torch.arange(c0, c0 + blk.shape[1]) for blk, c0 in parts])[o]
+        v[amb], idx[amb] = rv[:, :k], ri[:, :k]
+    return v, idx
 
 
 def _pass_distances(x: torch.Tensor, nq: int, k1: int, block_rows: int):
