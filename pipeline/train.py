@@ -97,6 +97,7 @@ def build_trainer(cfg: Config, *, run_name: str, storage_path: str, resume: Opti
     from pipeline.checkpoint import ray_storage
     from pipeline.worker import train_loop_per_worker
 
+    absolute_paths(cfg)
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **sc.resources_per_worker}
     if sc.use_gpu:
@@ -115,6 +116,18 @@ def build_trainer(cfg: Config, *, run_name: str, storage_path: str, resume: Opti
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.failure.max_failures)),
     )
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Relative local paths are relative to the driver's cwd; Ray workers run elsewhere, so pin them."""
+    def fix(url: Optional[str]) -> Optional[str]:
+        if not url or "://" in url or os.path.isabs(url):
+            return url
+        return os.path.abspath(url)
+
+    cfg.data.root, cfg.data.shards = fix(cfg.data.root), fix(cfg.data.shards)
+    cfg.model.pretrained = fix(cfg.model.pretrained)
+    return cfg
 
 
 def resolve_resume(uri: str) -> tuple[Optional[str], Optional[str], Optional[str]]:

@@ -128,3 +128,15 @@ def test_print_config():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert yaml.safe_load(out.stdout)["data"]["clip_len"] == 7
+
+
+def test_relative_paths_pinned_for_workers(tmp_path, monkeypatch):
+    """Ray workers run in another cwd: the driver makes local relative paths absolute."""
+    from pipeline.train import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(load_config(ROOT / "configs" / "synthetic.yaml",
+                                     ["model.pretrained=weights/r50.pth", "data.shards=s3://b/x"]))
+    assert cfg.data.root == str(tmp_path / "data" / "synthetic")
+    assert cfg.model.pretrained == str(tmp_path / "weights" / "r50.pth")
+    assert cfg.data.shards == "s3://b/x"
