@@ -64,7 +64,8 @@ def prepare_data(cfg: Config) -> dict[str, Any]:
     return read_manifest(cfg.data.shards)
 
 
-def init_ray(cfg: Config, address: Optional[str] = None) -> None:
+def init_ray(cfg: Config, address: Optional[str] = None, *, min_cpus: int = 0) -> None:
+    """Attach to ``address`` / ``$RAY_ADDRESS``, else start a local Ray with enough logical CPUs."""
     import ray
 
     if ray.is_initialized():
@@ -73,11 +74,46 @@ def init_ray(cfg: Config, address: Optional[str] = None) -> None:
     env = {"env_vars": {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
-    else:
-        # Local Ray: logical CPUs for every training worker (DataLoader processes are not Ray tasks).
-        # The dashboard stays on (loopback only): Ray Train's placement-group cleanup needs its state API.
-        need = int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 1
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1", runtime_env=env)
+        return
+    # Logical CPUs for every training worker (DataLoader processes are not Ray tasks) and its driver.
+    need = max(int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 1, min_cpus)
+    # The dashboard stays on (loopback only): Ray Train's placement-group cleanup needs its state API,
+    # and finds it by auto-detection, which fails when another local Ray runs on the machine
+    # ("multiple active Ray instances"); pin the port and point every process of this cluster at it.
+    port = free_port()
+    set_env("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    env["env_vars"]["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"]
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1", dashboard_port=port,
+             include_dashboard=True, runtime_env=env)
+
+
+_ENV_SAVED: dict[str, Optional[str]] = {}
+
+
+def set_env(key: str, value: str) -> None:
+    """Set a process env var for this Ray session; :func:`shutdown_ray` puts the old value back."""
+    _ENV_SAVED.setdefault(key, os.environ.get(key))
+    os.environ[key] = value
+
+
+def shutdown_ray() -> None:
+    """Stop the local Ray and undo the env changes (a later Ray in this process must not see them)."""
+    if "ray" in sys.modules:
+        sys.modules["ray"].shutdown()
+    for key, value in _ENV_SAVED.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _ENV_SAVED.clear()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # Environment the workers need to see the same object store and tracking server as the driver.
@@ -126,6 +162,7 @@ def absolute_paths(cfg: Config) -> Config:
         return os.path.abspath(url)
 
     cfg.data.root, cfg.data.shards = fix(cfg.data.root), fix(cfg.data.shards)
+    cfg.checkpoint.storage_path = fix(cfg.checkpoint.storage_path)
     cfg.model.pretrained = fix(cfg.model.pretrained)
     return cfg
 

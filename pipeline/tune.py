@@ -21,16 +21,15 @@ import csv
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from pipeline.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+from pipeline.config import Config, ConfigError, apply_overrides, load_config
+from pipeline.train import absolute_paths, set_env, shutdown_ray
 from pipeline.search_space import (VARIANT_KEY, TuneSpec, is_finite_number, load_tune_config, num_trials,
                                    to_ray_space, trial_overrides)
 
@@ -82,71 +81,10 @@ def derive_max_concurrent(cluster: dict[str, float], need: dict[str, float]) -> 
 
 def init_ray(spec: TuneSpec, address: Optional[str]) -> None:
     """Local Ray gets enough logical CPUs for ``max_concurrent`` trials (their drivers mostly wait)."""
-    import ray
+    from pipeline.train import init_ray as init_train_ray
 
-    from pipeline.train import _FORWARDED_ENV
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}}
-    if address:
-        ray.init(address=address, runtime_env=env)
-        return
     per_trial = trial_resources(spec)["CPU"]
-    cpus = max(os.cpu_count() or 1, math.ceil(per_trial * max(1, spec.tune.max_concurrent)))
-    # Ray Train's placement-group cleaner finds the cluster through the state API; with another
-    # local Ray on the machine its auto-detection fails ("multiple active Ray instances"), so pin
-    # the dashboard port and point every process of this cluster at it.
-    port = _free_port()
-    _set_env("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
-    env["env_vars"]["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"]
-    ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=env,
-             include_dashboard=True)
-
-
-_ENV_SAVED: dict[str, Optional[str]] = {}
-
-
-def _set_env(key: str, value: str) -> None:
-    """Set a process env var for this search; :func:`shutdown_ray` puts the old value back."""
-    _ENV_SAVED.setdefault(key, os.environ.get(key))
-    os.environ[key] = value
-
-
-def shutdown_ray() -> None:
-    """Stop the local Ray and undo the env changes (a later Ray in this process must not see them)."""
-    if "ray" in sys.modules:
-        sys.modules["ray"].shutdown()
-    for key, value in _ENV_SAVED.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    _ENV_SAVED.clear()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def absolute_paths(cfg: Config) -> Config:
-    """Relative local paths made absolute: trial drivers and workers run in other directories."""
-    from pipeline import storage
-
-    def fix(url: Optional[str]) -> Optional[str]:
-        if not url or storage.is_s3(url) or "://" in url:
-            return url
-        return str(Path(url).resolve())
-
-    cfg.data.root, cfg.data.shards = fix(cfg.data.root), fix(cfg.data.shards)
-    cfg.checkpoint.storage_path = fix(cfg.checkpoint.storage_path)
-    cfg.model.pretrained = fix(cfg.model.pretrained)
-    return cfg
+    init_train_ray(spec.base, address, min_cpus=math.ceil(per_trial * max(1, spec.tune.max_concurrent)))
 
 
 # --------------------------------------------------------------------------- the trial
@@ -367,7 +305,7 @@ def run_search(spec: TuneSpec, *, resume: Optional[bool] = None, address: Option
     # One absolute store for the driver and every trial's rank 0 (workers run in other directories).
     uri = tracking.resolve_tracking_uri(spec.base.tracking.uri)
     spec.base.tracking.uri = uri
-    absolute_paths(spec.base)
+    absolute_paths(spec.base)  # trial drivers and workers run in other directories
     prepare_data(spec.base)  # once, before trials race to generate the same synthetic set
     ray_path, fs, exp_url = experiment_location(spec)
     can_restore = tune.Tuner.can_restore(ray_path, storage_filesystem=fs)
@@ -384,7 +322,7 @@ def run_search(spec: TuneSpec, *, resume: Optional[bool] = None, address: Option
     if s.scheduler == "none" and spec.base.eval.every_epochs != 1:
         # Without ASHA the metric may come only with the final evaluation: epochs without it are
         # fine for Tune's bookkeeping (validation already requires every-epoch eval for ASHA).
-        _set_env("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+        set_env("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     if restoring:
         print(f"restoring search {exp_url} (finished trials are kept)")
         tuner = tune.Tuner.restore(ray_path, trainable=trainable,

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -36,9 +34,9 @@ def tiny_shards(tmp_path_factory):
 @pytest.fixture
 def ray_shutdown():
     yield
-    import ray
+    from pipeline.train import shutdown_ray
 
-    ray.shutdown()
+    shutdown_ray()
 
 
 def _mlflow_runs(uri: str, experiment: str):
@@ -169,19 +167,13 @@ def test_multi_node_cluster_s3(tiny_shards, s3_bucket, tmp_path, monkeypatch):
         cluster.shutdown()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_job_submit(tiny_shards, tmp_path):
     """`ray job submit --working-dir .` against a `ray start --head` started here; the job succeeds."""
     raw, shards = tiny_shards
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    port, dash = _free_port(), _free_port()
+    from pipeline.train import free_port
+
+    port, dash = free_port(), free_port()
     ray_bin = str(VENV_BIN / "ray")
     tmp_ray = Path("/tmp") / f"rj{os.getpid()}"  # short: Ray's socket paths must stay under 107 chars
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=3", "--dashboard-host=127.0.0.1",

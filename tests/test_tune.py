@@ -126,8 +126,13 @@ def test_search_asha_mlflow_best_config_and_restore(tmp_path, ray_cleanup):
         steps = sorted(m.step for m in history)
         # A stopped trial may log an epoch or so more than Tune saw before the stop reached it.
         assert steps == list(range(1, len(steps) + 1)) and len(steps) >= row["epochs"]
-        assert len(steps) == 4 if row["status"] == "finished" else len(steps) < 4
-        assert child.info.status == ("KILLED" if row["status"] == "stopped" else "FINISHED")
+        # (Tune's own view of stopped trials is checked above: fewer than 4 epochs; under load the
+        # worker can still finish its last epoch before the stop reaches it.)
+        assert len(steps) == 4 if row["status"] == "finished" else len(steps) <= 4
+        if row["status"] == "stopped":  # KILLED, unless the stop reached it after its last epoch
+            assert child.info.status == "KILLED" or (child.info.status == "FINISHED" and len(steps) == 4)
+        else:
+            assert child.info.status == "FINISHED"
 
     # Artifacts of the parent and the best config, ready to train.
     names = {a.path for a in client.list_artifacts(s["parent_run_id"])}
