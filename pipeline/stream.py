@@ -38,7 +38,7 @@ from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_frame, eras
                                  restricted_sample)
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "normalize_clips", "read_manifest", "split_counts", "train_loader",
-           "eval_loader", "aggregate_embeddings", "train_shard_assignment", "eval_assignment",
+           "eval_loader", "train_shard_assignment", "eval_assignment",
            "iter_tar", "iter_samples", "TarError"]
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def _split(man: dict, split: str, url) -> dict:
 
 def split_counts(url, split: str) -> dict:
     """``{"num_tracklets", "num_identities", "num_frames", "num_shards"}`` of a split, from the
-    manifest: what an evaluator should expect to see (e.g. ``aggregate_embeddings``' size)."""
+    manifest: what an evaluator should expect to see (``pipeline.evaluation`` sizes its buffers with it)."""
     s = _split(read_manifest(url), split, url)
     return {"num_tracklets": int(s["num_tracklets"]), "num_identities": int(s["num_identities"]),
             "num_frames": int(s["num_frames"]), "num_shards": len(s["shards"])}
@@ -641,7 +641,7 @@ def eval_loader(url, split: str, *, clip_len: int, height: int, width: int, rank
     all its frames in order, resized to H x W, cut into consecutive N-frame clips, the last padded
     by repeating the last frame. Its clips are consecutive within one worker's output; batches of
     different workers interleave, so use ``index`` (split order, see ``split_counts``) and
-    ``aggregate_embeddings`` rather than arrival order. ``normalize=False``: uint8 clips
+    ``pipeline.evaluation.extract`` (per-tracklet sums) rather than arrival order. ``normalize=False``: uint8 clips
     ``(b, N, H, W, 3)`` as in ``train_loader``."""
     for name, v in (("clip_len", clip_len), ("height", height), ("width", width),
                     ("clips_per_batch", clips_per_batch)):
@@ -655,22 +655,3 @@ def eval_loader(url, split: str, *, clip_len: int, height: int, width: int, rank
                            clips_per_batch=clips_per_batch)
     return _make_loader(_WorkerStream(fn), num_workers, pin_memory, 2, tuple(mean), tuple(std),
                         normalize)
-
-
-def aggregate_embeddings(index: torch.Tensor, emb: torch.Tensor, num_tracklets: int
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average clip embeddings per tracklet: ``index`` (M,) tracklet of each clip, ``emb`` (M, D).
-
-    Returns ``(feats (num_tracklets, D) float32, seen (num_tracklets,) bool)``; rows of tracklets
-    with no clip (skipped as corrupt, or not gathered) are zero and ``seen`` is False there."""
-    index = torch.as_tensor(index, dtype=torch.long, device=emb.device).reshape(-1)
-    if emb.dim() != 2 or emb.shape[0] != index.numel():
-        raise ValueError(f"need emb (M, D) and index (M,), got {tuple(emb.shape)} and {tuple(index.shape)}")
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_tracklets):
-        raise ValueError(f"tracklet index outside 0..{num_tracklets - 1}")
-    sums = torch.zeros(num_tracklets, emb.shape[1], dtype=torch.float32, device=emb.device)
-    sums.index_add_(0, index, emb.float())
-    counts = torch.zeros(num_tracklets, dtype=torch.float32, device=emb.device)
-    counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float32))
-    seen = counts > 0
-    return sums / counts.clamp_min(1).unsqueeze(1), seen

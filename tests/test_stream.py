@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from pipeline import storage
-from pipeline.stream import (IMAGENET_MEAN, IMAGENET_STD, TarError, aggregate_embeddings,
+from pipeline.stream import (IMAGENET_MEAN, IMAGENET_STD, TarError,
                              eval_assignment, eval_loader, iter_samples, iter_tar, normalize_clips,
                              read_manifest, split_counts, train_loader, train_shard_assignment)
 
@@ -307,16 +307,6 @@ def test_eval_missing_shard_counted(tmp_path, eval_set):
     storage.remove(storage.join(url, "gallery-000001.tar"))
     per, _, skipped = _eval_frames(_eval(url, "gallery", num_workers=0), 4)
     assert sorted(per) == [0, 1, 2, 3, 4] and skipped == 1
-
-
-def test_aggregate_embeddings():
-    index = torch.tensor([2, 0, 2, 2])
-    emb = torch.tensor([[1.0, 0.0], [4.0, 4.0], [3.0, 0.0], [2.0, 3.0]])
-    feats, seen = aggregate_embeddings(index, emb, 4)
-    torch.testing.assert_close(feats, torch.tensor([[4.0, 4.0], [0, 0], [2.0, 1.0], [0, 0]]))
-    assert seen.tolist() == [True, False, True, False]
-    with pytest.raises(ValueError):
-        aggregate_embeddings(torch.tensor([5]), emb[:1], 4)
 
 
 # --------------------------------------------------------------------------- training stream
