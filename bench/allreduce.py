@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from _common import free_port  # noqa: E402
+from pipeline.train import free_port  # noqa: E402
 
 
 

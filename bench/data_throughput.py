@@ -49,7 +49,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import free_port  # noqa: E402
+from pipeline.train import free_port  # noqa: E402
 
 from pipeline import storage  # noqa: E402
 from pipeline.datasets import load_dataset  # noqa: E402

@@ -35,7 +35,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from _common import free_port  # noqa: E402
+from pipeline.train import free_port  # noqa: E402
 
 
 

@@ -2,22 +2,17 @@
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
+
+from pipeline.train import free_port  # one helper for servers and process groups on loopback
 
 # Keep every Ray node on 127.0.0.1 and MLflow quiet; set before any test imports Ray or MLflow.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

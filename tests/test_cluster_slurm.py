@@ -8,13 +8,13 @@ import importlib.util
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from pipeline.train import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "cluster" / "slurm"
@@ -91,12 +91,6 @@ def test_sbatch_size_matches_mars_config():
 
 # ------------------------------------------------------------------------------------------------
 # A real one-node Slurm
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalSlurm:

@@ -1,6 +1,5 @@
 """DeepSpeed engine from our config: precision, schedule, and data-parallel equivalence (real engines, gloo)."""
 import os
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.multiprocessing as mp
 
 from pipeline.config import load_config
 from pipeline.engine import deepspeed_config, lr_factor, resolve_precision
+from pipeline.train import free_port
 
 
 def _cfg(*overrides):
@@ -36,12 +36,6 @@ def test_lr_schedule_warmup_and_milestones():
     assert f[0] == pytest.approx(0.1) and f[1] == pytest.approx(0.55)
     assert f[2] == pytest.approx(1.0) and f[3] == pytest.approx(1.0)
     assert f[4] == pytest.approx(0.1) and f[5] == pytest.approx(0.1) and f[6] == pytest.approx(0.01)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _one_step(rank, world, port, overrides, clips, pids, out):
@@ -75,7 +69,7 @@ def _one_step(rank, world, port, overrides, clips, pids, out):
 def _run(world, overrides, clips, pids):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_one_step, args=(r, world, port, overrides, clips, pids, q)) for r in range(world)]
     for p in procs:
         p.start()

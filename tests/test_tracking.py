@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from pipeline import tracking
 from pipeline.config import Config, load_config
 from pipeline.tracking import Tracker, load_run_metrics, safe_params
+from pipeline.train import free_port
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 ACCESS = "AKIAIOSFODNN7EXAMPLE"
@@ -396,17 +397,9 @@ def test_context_manager_marks_failure(store):
 
 # --------------------------------------------------------------------------- real server
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_against_mlflow_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     artifacts = tmp_path / "artifacts"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
