@@ -78,8 +78,9 @@ def _rows(name: str, res: dict) -> list[str]:
         labels = {"stream_local_vs_per_file": ("stream float32", "per-file loader", ">= 2x", 2.0),
                   "stream_local_u8_vs_per_file": ("stream uint8 (normalise on device)", "per-file loader",
                                                   ">= 2x", 2.0),
-                  "stream_local_vs_raw_decode": ("stream float32", "raw JPEG decode, 1 core", ">= 0.70x", 0.7),
-                  "stream_local_u8_vs_raw_decode": ("stream uint8", "raw JPEG decode, 1 core", ">= 0.70x", 0.7),
+                  "stream_local_vs_raw_decode": ("stream float32", "raw JPEG decode (libjpeg-turbo), 1 core", ">= 0.70x", 0.7),
+                  "stream_local_u8_vs_raw_decode": ("stream uint8", "raw JPEG decode (libjpeg-turbo), 1 core",
+                                                    ">= 0.70x", 0.7),
                   "stream_local_vs_per_file_cpu": ("stream float32, frames per CPU-s", "per-file loader, per CPU-s",
                                                    ">= 2x", 2.0),
                   "stream_local_u8_vs_per_file_cpu": ("stream uint8, frames per CPU-s", "per-file loader, per CPU-s",
@@ -89,7 +90,13 @@ def _rows(name: str, res: dict) -> list[str]:
                   "stream_local_u8_vs_raw_decode_cpu": ("stream uint8, frames per CPU-s", "raw decode, per CPU-s",
                                                         ">= 0.70x", 0.7),
                   "stream_s3_vs_per_file": ("stream over S3 (moto)", "per-file loader", "-", None),
-                  "per_file_vs_raw_decode": ("per-file loader", "raw JPEG decode, 1 core", "-", None),
+                  "stream_local_vs_raw_decode_steady": ("stream float32, from the first batch on",
+                                                        "raw JPEG decode (libjpeg-turbo), 1 core", "-", None),
+                  "stream_local_u8_vs_raw_decode_steady": ("stream uint8, from the first batch on",
+                                                           "raw JPEG decode (libjpeg-turbo), 1 core", "-", None),
+                  "per_file_vs_raw_decode": ("per-file loader", "raw JPEG decode (libjpeg-turbo), 1 core", "-", None),
+                  "raw_decode_pil_vs_raw_decode": ("raw decode with PIL", "raw decode with libjpeg-turbo (simplejpeg)",
+                                                   "-", None),
                   "per_file_vs_raw_decode_cpu": ("per-file loader, per CPU-s", "raw decode, per CPU-s", "-", None)}
         for key, r in res["ratios"].items():
             what, base, target, thr = labels.get(key, (key, "", "-", None))

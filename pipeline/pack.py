@@ -3,7 +3,9 @@
     python -m pipeline.pack --dataset {mars,dukev,synthetic} --root PATH --out URL \
         [--shard-size-mb 256] [--resize HxW] [--strict] [--quiet]
 
-One sample per tracklet: ``<key>.json`` then frames ``<key>.<i:03d>.jpg`` in temporal order,
+One sample per tracklet: ``<key>.json`` then frames ``<key>.<i:03d>.jpg`` in temporal order
+as plain ustar members (the json's ``frame_bytes`` lists their sizes, so a reader can locate
+every frame without parsing its header),
 key ``<split>_<7-digit index>`` (index = position among the split's packed tracklets, in the
 reader's order; train is grouped by identity, which the readers' order already is).
 Train shards close only at identity boundaries; query/gallery keep the dataset's order.
@@ -209,7 +211,9 @@ def pack(dataset: str, root: str, out: str, *, shard_bytes: int = 256 << 20, res
                 for k, (t, frames) in enumerate(samples):
                     key = f"{split}_{index + k:07d}"
                     meta = {"pid": t.pid, "camid": t.camid, "dataset": dataset, "split": split,
-                            "n_frames": len(frames), "index": index + k, "tracklet": t.tracklet}
+                            "n_frames": len(frames), "index": index + k, "tracklet": t.tracklet,
+                            # lets readers take the frames as one block, no per-frame header parse
+                            "frame_bytes": [len(f) for f in frames]}
                     entries.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
                     entries += [(f"{key}.{i:03d}.jpg", data) for i, data in enumerate(frames)]
                 size = sum(_tar_entry_bytes(len(d)) for _, d in entries)

@@ -5,7 +5,7 @@ bytes of whole identities in a small pool, and emits P x K batches; only the N s
 a tracklet are ever decoded. Evaluation (`eval_loader`): every tracklet of a split, all frames,
 cut into consecutive N-frame clips, each tracklet read by exactly one (rank, worker).
 
-Shards are parsed by a small streaming tar reader (`iter_tar`) over `pipeline.storage.open_read`
+Shards are parsed by a small streaming tar reader (`_TarReader`) over `pipeline.storage.open_read`
 (local files and S3 alike), one pass, no seeking, no temp files.
 
 Bad input never crashes a loader and is never lost silently. Each of these counts 1 in the
@@ -20,7 +20,9 @@ In training, JPEGs are only decoded when sampled, so a tracklet with a bad frame
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 import logging
 import math
@@ -33,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import storage
-from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_frame, erase_box,
+from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_into, erase_box,
                                  eval_clip_indices, mean_fill, normalize_clips,
                                  restricted_sample)
 
@@ -130,9 +132,11 @@ class _Chunks:
     """Sequential reads of ~``chunk`` bytes; ``take(n)`` hands out the next n bytes as a zero-copy
     memoryview of the current chunk (a copy only for the few members that straddle two chunks)."""
 
-    def __init__(self, f, chunk: int):
+    def __init__(self, f, chunk: int, data=None):
         self.f, self.chunk = f, chunk
         self.buf, self.view, self.pos, self.base = b"", memoryview(b""), 0, 0  # base: offset of buf[0]
+        if data is not None:  # the start of the stream is already in memory (a mapped file)
+            self.buf = self.view = memoryview(data)
 
     @property
     def offset(self) -> int:
@@ -156,66 +160,109 @@ class _Chunks:
             have, self.pos = have + k, k
         return b"".join(parts)
 
+    def unread(self, data) -> None:
+        """Put back the bytes the last ``take`` handed out, so they are read again."""
+        n = len(data)
+        if self.pos >= n:  # still in the current read
+            self.pos -= n
+        else:
+            self.base += self.pos - n
+            self.buf = bytes(data) + bytes(self.view[self.pos:])
+            self.view, self.pos = memoryview(self.buf), 0
 
-def iter_tar(f, chunk: int = 1 << 20) -> Iterator[tuple[str, memoryview | bytes]]:
-    """Stream ``(name, data)`` of the regular files of a tar archive read from file object ``f``.
+    def skip(self, n: int) -> int:
+        """Advance ``n`` bytes without handing them out; the number skipped (fewer at the end)."""
+        done = 0
+        while done < n:
+            if self.pos == len(self.buf):
+                data = self.f.read(self.chunk)
+                self.base += len(self.buf)
+                self.buf, self.view, self.pos = data, memoryview(data), 0
+                if not data:
+                    break
+            k = min(n - done, len(self.buf) - self.pos)
+            self.pos, done = self.pos + k, done + k
+        return done
+
+
+class _TarReader:
+    """Streaming tar parser over a file object: ``next()`` returns the next regular file member
+    as ``(name, data)`` or None at the end-of-archive block; ``block(n)`` / ``skip(n)`` consume
+    ``n`` raw bytes (a run of members whose layout the caller already knows) and ``unread`` puts
+    them back when the layout turns out not to be the expected one.
 
     Handles ustar, GNU long names and pax headers. Raises ``TarError`` on a bad header checksum,
     a member cut short, or a stream that ends without the end-of-archive block (a shard truncated
-    at a member boundary). Reads ~1 MiB at a time and hands out member data as read-only
-    memoryviews into those reads (bytes-like; ``bytes(data)`` for a copy): training reads every
-    frame of a shard but decodes only a few, so per-member copies and calls are what cost."""
-    src = _Chunks(f, chunk)
-    long_name, pax = None, {}
-    while True:
-        at = src.offset
-        hdr = bytes(src.take(512))
-        if len(hdr) < 512:
-            raise TarError(f"truncated: stream ends at byte {at + len(hdr)} without end-of-archive")
-        if hdr == _ZERO_BLOCK:
-            return
-        # Fast path for the common "%011o\0" / "%06o\0 " fields; anything else (base-256, other
-        # padding) goes through _tar_number. Training parses ~10 headers per decoded frame.
-        try:
-            size = int(hdr[124:135], 8) if hdr[135] in (0, 32) else _tar_number(hdr[124:136])
-            stored = int(hdr[148:154], 8) if hdr[154] in (0, 32) else _tar_number(hdr[148:156])
-        except ValueError:
+    at a member boundary). Reads ~``chunk`` bytes at a time and hands out member data as
+    read-only memoryviews into those reads (bytes-like; ``bytes(data)`` for a copy)."""
+
+    def __init__(self, f, chunk: int = 1 << 20, data=None):
+        self.src = _Chunks(f, chunk, data)
+
+    def next(self):
+        src, long_name, pax = self.src, None, {}
+        while True:
+            at = src.offset
+            hdr = bytes(src.take(512))
+            if len(hdr) < 512:
+                raise TarError(f"truncated: stream ends at byte {at + len(hdr)} without end-of-archive")
+            if hdr == _ZERO_BLOCK:
+                return None
+            # Fast path for the common "%011o\0" / "%06o\0 " fields; anything else (base-256,
+            # other padding) goes through _tar_number.
             try:
-                stored, size = _tar_number(hdr[148:156]), _tar_number(hdr[124:136])
+                size = int(hdr[124:135], 8) if hdr[135] in (0, 32) else _tar_number(hdr[124:136])
+                stored = int(hdr[148:154], 8) if hdr[154] in (0, 32) else _tar_number(hdr[148:156])
             except ValueError:
-                raise TarError(f"corrupt header at byte {at}") from None
-        # Byte sum of the header from adler32 (C speed; sum(hdr) was a quarter of the parsing time):
-        # its low half is 1 + sum mod 65521, and a 512-byte sum is < 2 * 65521, so the sum is one
-        # of two candidates; a stored checksum matching either is the exact sum check.
-        low = (zlib.adler32(hdr) & 0xFFFF) - 1 - sum(hdr[148:156]) + 256
-        if stored != low and stored != low + 65521 and not _signed_checksum_ok(hdr, stored):
-            raise TarError(f"corrupt header at byte {at} (checksum mismatch)")
-        kind = hdr[156:157]
-        if pax and kind not in (b"x", b"g", b"L") and "size" in pax:
-            size = int(pax["size"])
-        data = src.take(size)
-        if len(data) < size:
-            raise TarError(f"truncated inside member {_tar_str(hdr[:100])!r} "
-                           f"(stream ends at byte {src.offset})")
-        if size % 512:
-            src.take(512 - size % 512)  # padding; a short read surfaces at the next header
-        if kind == b"0" or kind == b"\0" or kind == b"7":
-            if pax and "path" in pax:
-                name = pax["path"]
-            elif long_name is not None:
-                name = long_name
-            else:
+                try:
+                    stored, size = _tar_number(hdr[148:156]), _tar_number(hdr[124:136])
+                except ValueError:
+                    raise TarError(f"corrupt header at byte {at}") from None
+            # Byte sum of the header from adler32 (C speed; sum(hdr) was a quarter of the parsing
+            # time): its low half is 1 + sum mod 65521, and a 512-byte sum is < 2 * 65521, so the
+            # sum is one of two candidates; a stored checksum matching either is the exact check.
+            low = (zlib.adler32(hdr) & 0xFFFF) - 1 - sum(hdr[148:156]) + 256
+            if stored != low and stored != low + 65521 and not _signed_checksum_ok(hdr, stored):
+                raise TarError(f"corrupt header at byte {at} (checksum mismatch)")
+            kind = hdr[156:157]
+            if pax and kind not in (b"x", b"g", b"L") and "size" in pax:
+                size = int(pax["size"])
+            data = src.take(size)
+            if len(data) < size:
+                raise TarError(f"truncated inside member {_tar_str(hdr[:100])!r} "
+                               f"(stream ends at byte {src.offset})")
+            if size % 512:
+                src.skip(512 - size % 512)  # padding; a short read surfaces at the next header
+            if kind == b"0" or kind == b"\0" or kind == b"7":
+                if pax and "path" in pax:
+                    return pax["path"], data
+                if long_name is not None:
+                    return long_name, data
                 name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 if hdr[345] and hdr[257:262] == b"ustar":
                     name = f"{_tar_str(hdr[345:500])}/{name}"
-            yield name, data
-            long_name, pax = None, {}
-        elif kind == b"x":
-            pax = _pax(bytes(data))
-        elif kind == b"L":
-            long_name = _tar_str(bytes(data))
-        elif kind != b"g":
-            long_name, pax = None, {}
+                return name, data
+            if kind == b"x":
+                pax = _pax(bytes(data))
+            elif kind == b"L":
+                long_name = _tar_str(bytes(data))
+            elif kind != b"g":
+                long_name, pax = None, {}
+
+    def block(self, n: int):
+        """The next ``n`` raw bytes (fewer only where the stream ends)."""
+        return self.src.take(n)
+
+    def unread(self, data) -> None:
+        self.src.unread(data)
+
+
+def iter_tar(f, chunk: int = 1 << 20) -> Iterator[tuple[str, memoryview | bytes]]:
+    """Stream ``(name, data)`` of the regular files of a tar archive read from file object ``f``
+    (see ``_TarReader`` for the formats handled and the errors raised)."""
+    r = _TarReader(f, chunk)
+    while (m := r.next()) is not None:
+        yield m
 
 
 # =========================================================================== samples
@@ -239,6 +286,15 @@ class _Skips:
 _FRAME = re.compile(r"(\d+)\.(jpg|jpeg|png)$", re.IGNORECASE)
 
 
+def _check_meta(key: str, meta) -> dict:
+    if not isinstance(meta, dict):
+        raise ValueError(f"sample {key!r}: json is not an object")
+    for field in ("pid", "camid", "n_frames", "index"):
+        if not isinstance(meta.get(field), int):
+            raise ValueError(f"sample {key!r}: json field {field!r} missing or not an int")
+    return meta
+
+
 def _make_sample(key: str, members: dict, where: str) -> tuple[dict, list[bytes]]:
     """Validate one tracklet's members -> (meta, frames in order); ValueError says why not."""
     if "json" not in members:
@@ -247,9 +303,7 @@ def _make_sample(key: str, members: dict, where: str) -> tuple[dict, list[bytes]
         meta = json.loads(bytes(members.pop("json")))
     except ValueError as e:
         raise ValueError(f"sample {key!r}: bad json ({e})") from None
-    for field in ("pid", "camid", "n_frames", "index"):
-        if not isinstance(meta.get(field), int):
-            raise ValueError(f"sample {key!r}: json field {field!r} missing or not an int")
+    _check_meta(key, meta)
     frames = sorted((int(m.group(1)), data) for ext, data in members.items()
                     if (m := _FRAME.fullmatch(ext)))
     if len(frames) != meta["n_frames"] or [i for i, _ in frames] != list(range(len(frames))):
@@ -259,47 +313,125 @@ def _make_sample(key: str, members: dict, where: str) -> tuple[dict, list[bytes]
     return meta, [d for _, d in frames]
 
 
+def _frame_layout(meta) -> list[int] | None:
+    """The json's ``frame_bytes`` (``pipeline.pack`` writes it) when usable: the frames follow the
+    json as plain ustar members ``<key>.NNN.jpg`` of these sizes, one header block each."""
+    sizes = meta.get("frame_bytes") if isinstance(meta, dict) else None
+    if (isinstance(sizes, list) and sizes and len(sizes) == meta.get("n_frames")
+            and all(type(n) is int for n in sizes) and min(sizes) >= 0):
+        return sizes
+    return None
+
+
+class _Frames:
+    """A tracklet's encoded frames read as one block of tar members: frame i is sliced out when
+    accessed, after checking its tar header names it, so the 90% of frames that training never
+    samples cost no parsing at all. Bytes-like items, like a list of memoryviews."""
+
+    __slots__ = ("key", "block", "offsets", "sizes")
+
+    def __init__(self, key: str, block, sizes: list[int], offsets: list[int]):
+        self.key, self.block, self.sizes, self.offsets = key, memoryview(block), sizes, offsets
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def _name_ok(self, i: int) -> bool:
+        name = f"{self.key}.{i:03d}.jpg".encode() + b"\0"
+        off = self.offsets[i]
+        return self.block[off:off + len(name)] == name
+
+    def __getitem__(self, i: int):
+        if not -len(self.sizes) <= i < len(self.sizes):
+            raise IndexError(i)
+        i %= len(self.sizes)
+        if not self._name_ok(i):
+            raise ValueError(f"sample {self.key!r}: frame {i} is not where the json's frame_bytes put it")
+        start = self.offsets[i] + 512
+        return self.block[start:start + self.sizes[i]]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self.sizes)))
+
+
 def iter_samples(shard_url, skips: _Skips | None = None, *, part: int = 0, parts: int = 1
                  ) -> Iterator[tuple[int, dict, list[bytes]]]:
-    """Stream the valid samples of one shard as ``(position, meta, frames)``; ``frames`` are the
-    raw encoded frames (bytes-like, see ``iter_tar``) in temporal order, ``position`` counts every
-    sample of the shard.
+    """Stream the valid samples of one shard as ``(position, meta, frames)``; ``frames`` is a
+    sequence of the raw encoded frames (bytes-like, see ``_TarReader``) in temporal order,
+    ``position`` counts every sample of the shard.
 
-    Only positions with ``position % parts == part`` are validated and yielded (co-readers of a
-    shard split it this way). A bad sample is counted in ``skips`` by its owner; a truncated or
-    corrupt shard, or one that cannot be opened, ends the iteration after counting 1 (by the
-    ``part == 0`` reader only). Without ``skips``, errors raise instead."""
+    Samples whose json comes first and lists ``frame_bytes`` (what ``pipeline.pack`` writes) are
+    read as one block without parsing their frames' headers (``_Frames``); any other layout is
+    grouped member by member. Only positions with ``position % parts == part`` are validated and
+    yielded (co-readers of a shard split it this way). A bad
+    sample is counted in ``skips`` by its owner; a truncated or corrupt shard, or one that cannot
+    be opened, ends the iteration after counting 1 (by the ``part == 0`` reader only). Without
+    ``skips``, errors raise instead."""
     pos, key, members = 0, None, {}
+    where = str(shard_url)
+
+    def bad(e):
+        if skips is None:
+            raise e
+        skips.add("sample", where, e)
 
     def finish():
         try:
-            return _make_sample(key, members, str(shard_url))
+            return _make_sample(key, members, where)
         except ValueError as e:
-            if skips is None:
-                raise
-            skips.add("sample", str(shard_url), e)
+            bad(e)
             return None
 
     try:
-        with storage.open_read(shard_url) as f:
-            for name, data in iter_tar(f):
+        mapped = storage.map_local(shard_url)  # local shards: only the pages used are touched
+        with (contextlib.nullcontext(io.BytesIO()) if mapped is not None else storage.open_read(shard_url)) as f:
+            tar = _TarReader(f, 4 << 20, mapped)  # a tracklet's block rarely straddles two 4 MiB reads
+            while (m := tar.next()) is not None:
+                name, data = m
                 k, dot, ext = name.partition(".")
                 if not dot:
                     continue  # not a sample member
-                if k != key:
-                    if key is not None:
-                        if pos % parts == part and (sample := finish()) is not None:
-                            yield (pos, *sample)
-                        pos += 1
-                    key, members = k, {}
-                members[ext] = data
+                if k == key:
+                    members[ext] = data
+                    continue
+                if key is not None:
+                    if pos % parts == part and (sample := finish()) is not None:
+                        yield (pos, *sample)
+                    pos += 1
+                key, members = k, {ext: data}
+                if ext != "json":
+                    continue
+                try:
+                    meta = json.loads(bytes(data))
+                except ValueError:
+                    continue  # reported by the member-by-member path
+                if (sizes := _frame_layout(meta)) is None:
+                    continue
+                # a plain ustar member: a 512-byte header, then the data padded to 512-byte blocks
+                ends = np.cumsum((np.asarray(sizes) + 1023) // 512 * 512).tolist()
+                n = ends[-1]
+                block = tar.block(n)
+                frames = _Frames(k, block, sizes, [0] + ends[:-1])
+                if len(block) < n or not (frames._name_ok(0) and frames._name_ok(len(sizes) - 1)):
+                    # not the promised layout (a frame missing, extra headers, a cut shard...):
+                    # read this sample member by member, as any other WebDataset sample
+                    tar.unread(block)
+                    continue
+                if pos % parts == part:
+                    try:
+                        _check_meta(k, meta)
+                    except ValueError as e:
+                        bad(e)
+                    else:
+                        yield pos, meta, frames
+                pos, key, members = pos + 1, None, {}
             if key is not None and pos % parts == part and (sample := finish()) is not None:
                 yield (pos, *sample)
     except _READ_ERRORS as e:
         if skips is None:
             raise
         if part == 0:
-            skips.add("rest of shard", str(shard_url), e)
+            skips.add("rest of shard", where, e)
 
 
 # =========================================================================== assignment
@@ -384,6 +516,9 @@ class _Normalized:
 
     def __iter__(self):
         for b in self.loader:
+            for key, v in b.items():  # small id arrays travel pickled, not as shared-memory tensors
+                if isinstance(v, np.ndarray):
+                    b[key] = torch.from_numpy(v)
             if self.normalize:
                 u8 = b["clips"]
                 out = torch.empty(u8.shape[:-3] + (3, *u8.shape[-3:-1]), dtype=torch.float32,
@@ -392,11 +527,18 @@ class _Normalized:
             yield b
 
 
+def _as_is(batch):
+    """No conversion in the worker: torch's default would turn every numpy array into a tensor,
+    and each tensor crosses to the consumer as its own shared-memory segment plus an fd handshake."""
+    return batch
+
+
 def _make_loader(ds, num_workers, pin_memory, prefetch_factor, mean, std, normalize) -> _Normalized:
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     pin = bool(pin_memory) and torch.cuda.is_available()
-    loader = DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin and not normalize,
+    loader = DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
+                        pin_memory=pin and not normalize,
                         prefetch_factor=prefetch_factor if num_workers > 0 else None,
                         persistent_workers=False)
     return _Normalized(loader, mean, std, normalize, pin and normalize)
@@ -498,7 +640,7 @@ def _train_worker(worker: int, num_workers: int, *, shards, shard_ids, num_ids, 
                 flip = hflip and rng.random() < 0.5
                 try:
                     for n, fi in enumerate(idx):
-                        u8[slot + j, n] = decode_frame(frames[fi], height, width, flip)
+                        decode_into(frames[fi], u8[slot + j, n], flip)
                 except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad data
                     skips.add("sample", f"tracklet {meta.get('tracklet', meta['index'])}",
                               f"frame {fi} does not decode ({e})")
@@ -529,7 +671,7 @@ def _train_worker(worker: int, num_workers: int, *, shards, shard_ids, num_ids, 
                     raise RuntimeError(f"not enough usable identities for a P={p} batch "
                                        f"({skips.total} inputs skipped)")
             chosen.append(spare.pop(int(rng.integers(len(spare)))))
-        yield {"clips": clips, "pids": torch.from_numpy(pids), "camids": torch.from_numpy(camids),
+        yield {"clips": clips, "pids": pids, "camids": camids,
                "skipped": skips.take()}
 
 
@@ -598,14 +740,18 @@ def _eval_worker(worker: int, num_workers: int, *, shards, clip_len, height, wid
     clips, u8, index, pids, camids = new_batch()
 
     def emit(n):
-        return {"clips": clips[:n], "index": torch.from_numpy(index[:n]),
-                "pids": torch.from_numpy(pids[:n]), "camids": torch.from_numpy(camids[:n]),
+        return {"clips": clips[:n], "index": index[:n], "pids": pids[:n], "camids": camids[:n],
                 "skipped": 0}
 
+    scratch = np.empty((0, height, width, 3), np.uint8)  # a tracklet's decoded frames, reused
     for shard, part, parts in units:
         for _, meta, frames in iter_samples(shard, skips, part=part, parts=parts):
+            if len(scratch) < len(frames):
+                scratch = np.empty((max(len(frames), 2 * len(scratch)), height, width, 3), np.uint8)
+            decoded = scratch[:len(frames)]
             try:
-                decoded = [decode_frame(fr, height, width) for fr in frames]
+                for i, fr in enumerate(frames):
+                    decode_into(fr, decoded[i])
             except (OSError, ValueError, SyntaxError) as e:
                 skips.add("sample", f"{shard} tracklet {meta['index']}", f"a frame does not decode ({e})")
                 continue

@@ -11,6 +11,7 @@ import io
 import math
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 
@@ -45,25 +46,60 @@ def eval_clip_indices(n_frames: int, clip_len: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- decoding
-def decode_frame(data: bytes, height: int, width: int, flip: bool = False) -> np.ndarray:
-    """Decode an encoded image to RGB uint8 ``(height, width, 3)``.
-
-    JPEGs use libjpeg's DCT-domain downscaling (``Image.draft``) when the target is at most half
-    the stored size on both axes (draft never goes below the requested size), then a bilinear
-    resize to the exact target; no resize at all when the stored size already matches.
-    ``flip`` mirrors it horizontally. Raises ``OSError``/``ValueError`` (from PIL) on undecodable or truncated data."""
+def _pil_decode(data, height: int, width: int) -> np.ndarray:
+    """PIL decode + bilinear resize to ``(height, width, 3)`` uint8 (non-JPEG and odd JPEGs)."""
     im = Image.open(io.BytesIO(data))
     if im.format == "JPEG" and im.width >= 2 * width and im.height >= 2 * height:
-        im.draft("RGB", (width, height))
+        im.draft("RGB", (width, height))  # libjpeg DCT-domain downscale, never below the target
     if im.mode != "RGB":
         im = im.convert("RGB")
     else:
         im.load()
     if im.size != (width, height):
         im = im.resize((width, height), Image.BILINEAR)
-    if flip:
-        im = im.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(im)
+
+
+def decode_into(data, out: np.ndarray, flip: bool = False) -> np.ndarray:
+    """Decode an encoded image into ``out``, a C-contiguous uint8 ``(H, W, 3)`` array (RGB).
+
+    JPEGs go through libjpeg-turbo (simplejpeg), which decodes straight into ``out`` when the
+    stored size is the target (MARS frames are stored at 256x128): no intermediate image, no
+    copies, about 2x PIL's rate on re-ID frames. Other sizes are decoded with DCT-domain
+    downscaling when the target is at most half the stored size on both axes, then resized
+    bilinearly (PIL). Pixels equal ``_pil_decode``'s (PIL with ``draft``: the same libjpeg-turbo
+    decode, the same scale, the same resize). PNG etc.,
+    CMYK JPEGs, and JPEGs libjpeg-turbo flags as damaged go through PIL, so what PIL (and
+    ``pipeline.pack``'s validation) accepts is accepted here. ``flip`` mirrors horizontally.
+    Raises ``OSError``/``ValueError`` on undecodable or truncated data. Returns ``out``."""
+    height, width = out.shape[:2]
+    try:
+        if bytes(data[:2]) != b"\xff\xd8":
+            raise ValueError("not a JPEG")
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace in ("CMYK", "YCCK"):
+            raise ValueError("CMYK: PIL handles Adobe's inverted CMYK")
+        if (h, w) == (height, width):
+            simplejpeg.decode_jpeg(data, "RGB", buffer=out)
+        else:
+            # DCT-domain downscale by a power of two as PIL's draft picks it (libjpeg-turbo alone
+            # would also take M/8 factors), so the pixels stay PIL's
+            ratio = min(h // height, w // width)
+            scale = next((f for f in (8, 4, 2) if ratio >= f), 1)
+            arr = simplejpeg.decode_jpeg(data, "RGB", min_height=-(-h // scale), min_width=-(-w // scale))
+            out[...] = np.asarray(Image.fromarray(arr).resize((width, height), Image.BILINEAR))
+    except ValueError:
+        out[...] = _pil_decode(data, height, width)
+    if flip:
+        t = torch.from_numpy(out)
+        t.copy_(t.flip(1))  # ~10x faster than numpy's strided copy of 3-byte pixels
+    return out
+
+
+def decode_frame(data, height: int, width: int, flip: bool = False) -> np.ndarray:
+    """Decode an encoded image to a new RGB uint8 ``(height, width, 3)`` array (see
+    ``decode_into``, which the loaders use to decode straight into their batch buffers)."""
+    return decode_into(data, np.empty((height, width, 3), np.uint8), flip)
 
 
 # --------------------------------------------------------------------------- augmentation

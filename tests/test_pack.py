@@ -29,12 +29,17 @@ def read_shards(out: str, manifest: dict) -> dict:
             assert storage.size(url) == sh["bytes"]
             assert hashlib.sha256(storage.read_bytes(url)).hexdigest() == sh["sha256"]
             samples = {}
+            end = 0  # where the previous member's padded data ended
             with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
                 for m in tar:
                     key, ext = m.name.split(".", 1)
                     data = tar.extractfile(m).read()
+                    # frame_bytes' promise: one plain 512-byte header per member, nothing between
+                    assert m.offset == end and m.offset_data == m.offset + 512 and not m.pax_headers
+                    end = m.offset_data + (m.size + 511) // 512 * 512
                     s = samples.setdefault(key, {"frames": {}})
                     if ext == "json":
+                        assert not s["frames"], "the json comes first"
                         s["meta"] = json.loads(data)
                     else:
                         assert re.fullmatch(r"\d{3,}\.jpg", ext), m.name
@@ -61,7 +66,8 @@ def check_against_dataset(ds, out: str, manifest: dict, dataset: str):
             assert key == f"{split}_{meta['index']:07d}"
             t = by_src[meta["tracklet"]]
             assert meta == {"pid": t.pid, "camid": t.camid, "dataset": dataset, "split": split,
-                            "n_frames": len(t.frames), "index": meta["index"], "tracklet": t.tracklet}
+                            "n_frames": len(t.frames), "index": meta["index"], "tracklet": t.tracklet,
+                            "frame_bytes": [len(fr) for fr in frames]}
             assert frames == [open(p, "rb").read() for p in t.frames]  # copied byte-for-byte
         if split != "train":  # dataset order kept
             assert [m["tracklet"] for _, _, m, _ in rows] == [t.tracklet for t in tracklets]

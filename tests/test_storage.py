@@ -150,3 +150,21 @@ def test_client_is_cached_per_endpoint(s3_server, monkeypatch):
     assert c1.meta.config.retries["total_max_attempts"] == storage.MAX_ATTEMPTS + 1
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     assert storage.client() is not c1
+
+
+def test_map_local_views_local_files_only(tmp_path, s3_bucket):
+    data = os.urandom(3 * 4096 + 5)
+    path = tmp_path / "shard.tar"
+    path.write_bytes(data)
+    for url in (str(path), f"file://{path}"):
+        view = storage.map_local(url)
+        assert view.readonly and len(view) == len(data) and view[4000:4100] == data[4000:4100]
+    # replaced atomically (as our writers do) while mapped: the old view keeps the old bytes
+    storage.write_bytes(str(path), b"new")
+    assert bytes(view[-5:]) == data[-5:] and bytes(storage.map_local(str(path))) == b"new"
+    (tmp_path / "empty").write_bytes(b"")
+    assert storage.map_local(str(tmp_path / "empty")) is None
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        storage.map_local(str(tmp_path / "missing"))
+    storage.write_bytes(f"s3://{s3_bucket}/x", data)
+    assert storage.map_local(f"s3://{s3_bucket}/x") is None

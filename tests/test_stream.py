@@ -47,23 +47,33 @@ def _make_tracklets(seed, num_ids, per_id, frames=(1, 9), cams=3):
     return out
 
 
-def _tar_bytes(split, items) -> bytes:
+LAYOUTS = ("block", "members")
+
+
+def _tar_bytes(split, items, layout="block") -> bytes:
+    """``block``: pipeline.pack's layout (ustar members, ``frame_bytes`` in the json);
+    ``members``: any WebDataset writer's (here pax records on every member, no ``frame_bytes``)."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+    fmt = tarfile.USTAR_FORMAT if layout == "block" else tarfile.PAX_FORMAT
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
         for index, tr in items:
             key = f"{split}_{index:07d}"
             meta = {"pid": tr["pid"], "camid": tr["camid"], "dataset": "test", "split": split,
                     "n_frames": len(tr["frames"]), "index": index, "tracklet": f"t{index}"}
+            if layout == "block":
+                meta["frame_bytes"] = [len(f) for f in tr["frames"]]
             members = [(f"{key}.json", json.dumps(meta).encode())]
             members += [(f"{key}.{i:03d}.jpg", fr) for i, fr in enumerate(tr["frames"])]
             for name, data in members:
                 ti = tarfile.TarInfo(name)
-                ti.size, ti.mtime = len(data), time.time()  # float mtime -> pax records, like pack
+                # a float mtime makes tarfile write a pax record per member
+                ti.size, ti.mtime = len(data), (946684800 if layout == "block" else time.time())
                 tf.addfile(ti, io.BytesIO(data))
     return buf.getvalue()
 
 
-def _write_dataset(url, splits: dict, *, ids_per_shard=2, tracklets_per_shard=3, shard_ids=None):
+def _write_dataset(url, splits: dict, *, ids_per_shard=2, tracklets_per_shard=3, shard_ids=None,
+                   layout="block"):
     """Write shards + manifest (last). Train: `ids_per_shard` identities a shard, or explicit
     `shard_ids` (list of pid lists); query/gallery: `tracklets_per_shard` consecutive tracklets."""
     man = {"format": "sta-reid-shards/1", "dataset": "test", "created": "now", "resize": None,
@@ -80,7 +90,7 @@ def _write_dataset(url, splits: dict, *, ids_per_shard=2, tracklets_per_shard=3,
         shards = []
         for n, chunk in enumerate(chunks):
             name = f"{split}-{n:06d}.tar"
-            data = _tar_bytes(split, chunk)
+            data = _tar_bytes(split, chunk, layout)
             storage.write_bytes(storage.join(url, name), data)
             shards.append({"name": name, "bytes": len(data), "sha256": "",
                            "identities": sorted({t["pid"] for _, t in chunk}),
@@ -185,9 +195,10 @@ def test_iter_tar_detects_truncation_and_corruption():
 
 # --------------------------------------------------------------------------- evaluation stream
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_eval_round_trip_local(tmp_path, eval_set, num_workers):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_eval_round_trip_local(tmp_path, eval_set, num_workers, layout):
     url = str(tmp_path)
-    _write_dataset(url, eval_set)
+    _write_dataset(url, eval_set, layout=layout)
     for split in ("query", "gallery"):
         batches = _eval(url, split, num_workers=num_workers, clips_per_batch=3)
         assert all(0 < len(b["clips"]) <= 3 for b in batches)
@@ -213,7 +224,7 @@ def test_raw_samples_are_byte_equal(tmp_path, eval_set):
         got += [(meta, frames) for _, meta, frames in iter_samples(storage.join(url, sh["name"]))]
     assert [m["index"] for m, _ in got] == list(range(len(eval_set["gallery"])))
     for (meta, frames), tr in zip(got, eval_set["gallery"]):
-        assert frames == tr["frames"] and meta["pid"] == tr["pid"] and meta["n_frames"] == len(frames)
+        assert list(frames) == tr["frames"] and meta["pid"] == tr["pid"] and meta["n_frames"] == len(frames)
 
 
 def test_eval_round_trip_s3(s3_bucket, eval_set):
@@ -249,11 +260,11 @@ def test_eval_disjoint_and_complete_over_ranks(tmp_path, eval_set, tracklets_per
     assert seen[0] | seen[1] == set(range(len(eval_set["gallery"])))
 
 
-def _corrupt_dataset(url, tracks, split, bad_index, trunc_shard, tracklets_per_shard):
+def _corrupt_dataset(url, tracks, split, bad_index, trunc_shard, tracklets_per_shard, layout="block"):
     """Replace one tracklet's frame 0 by garbage and cut one shard in the middle of a sample."""
     tracks = [dict(t) for t in tracks]
     tracks[bad_index]["frames"] = [b"\xff\xd8garbage"] + tracks[bad_index]["frames"][1:]
-    man = _write_dataset(url, {split: tracks}, tracklets_per_shard=tracklets_per_shard)
+    man = _write_dataset(url, {split: tracks}, tracklets_per_shard=tracklets_per_shard, layout=layout)
     sh = man["splits"][split]["shards"][trunc_shard]
     surl = storage.join(url, sh["name"])
     raw = storage.read_bytes(surl)
@@ -264,11 +275,12 @@ def _corrupt_dataset(url, tracks, split, bad_index, trunc_shard, tracklets_per_s
     return tracks, man
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("world_size,num_workers", [(1, 0), (2, 2)])
-def test_eval_corrupt_jpeg_and_truncated_tar_are_counted(tmp_path, eval_set, world_size, num_workers):
+def test_eval_corrupt_jpeg_and_truncated_tar_are_counted(tmp_path, eval_set, world_size, num_workers, layout):
     url = str(tmp_path)
     tracks, man = _corrupt_dataset(url, eval_set["gallery"], "gallery", bad_index=1,
-                                   trunc_shard=2, tracklets_per_shard=3)
+                                   trunc_shard=2, tracklets_per_shard=3, layout=layout)
     lost = {1} | {7, 8}  # garbage frame; shard 2 = tracklets 6, 7, 8 cut inside tracklet 7
     seen, skipped = set(), 0
     for rank in range(world_size):
@@ -281,10 +293,12 @@ def test_eval_corrupt_jpeg_and_truncated_tar_are_counted(tmp_path, eval_set, wor
     assert skipped == 2  # one corrupt sample + one truncated shard, each counted exactly once
 
 
-def test_eval_bad_json_and_frame_count_are_counted(tmp_path, eval_set):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_eval_bad_json_and_frame_count_are_counted(tmp_path, eval_set, layout):
+    # block layout: a missing frame breaks the json's frame_bytes promise -> read member by member
     url = str(tmp_path)
     tracks = [dict(t) for t in eval_set["query"]]
-    _write_dataset(url, {"query": tracks}, tracklets_per_shard=10)
+    _write_dataset(url, {"query": tracks}, tracklets_per_shard=10, layout=layout)
     raw = storage.read_bytes(storage.join(url, "query-000000.tar"))
     out = io.BytesIO()
     with tarfile.open(fileobj=io.BytesIO(raw)) as src, tarfile.open(fileobj=out, mode="w") as dst:
@@ -429,13 +443,14 @@ def test_train_deterministic_from_seed(train_dir):
         assert torch.equal(x["clips"], y["clips"]) and torch.equal(x["pids"], y["pids"])
 
 
-def test_train_corrupt_jpeg_and_truncated_tar_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_train_corrupt_jpeg_and_truncated_tar_skipped_and_counted(tmp_path, layout):
     url = str(tmp_path)
     tracks = _make_tracklets(6, 8, 2, frames=(2, 6))
     for t in tracks:
         if t["pid"] == 0:  # identity 0: every frame of every tracklet is garbage
             t["frames"] = [b"\xff\xd8garbage"] * len(t["frames"])
-    man = _write_dataset(url, {"train": tracks}, ids_per_shard=2)
+    man = _write_dataset(url, {"train": tracks}, ids_per_shard=2, layout=layout)
     # cut shard 3 (pids 6, 7) inside pid 6's second tracklet: pid 7 is lost, pid 6 keeps one
     surl = storage.join(url, man["splits"]["train"]["shards"][3]["name"])
     raw = storage.read_bytes(surl)
@@ -452,12 +467,13 @@ def test_train_corrupt_jpeg_and_truncated_tar_skipped_and_counted(tmp_path):
     assert sum(b["skipped"] for b in batches) >= 2  # both kinds met; each read of them counts
 
 
-def test_train_skips_exact_single_worker(tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_train_skips_exact_single_worker(tmp_path, layout):
     # one worker, every shard read exactly once in round 0: skipped equals the damage exactly
     url = str(tmp_path)
     tracks = _make_tracklets(9, 6, 2, frames=(2, 4))
     tracks[0]["frames"] = [b"junk"] * len(tracks[0]["frames"])  # pid 0 keeps its 2nd tracklet
-    _write_dataset(url, {"train": tracks}, ids_per_shard=6)  # a single shard
+    _write_dataset(url, {"train": tracks}, ids_per_shard=6, layout=layout)  # a single shard
     batches = _run_train(url, p=6, k=2, batches_per_epoch=1, num_workers=0)
     b = batches[0]
     assert Counter(b["pids"].tolist()) == {p: 2 for p in range(6)}
@@ -535,7 +551,7 @@ def test_pack_round_trip_local(packed):
             raw[meta["index"]] = frames
     assert len(raw) == len(ds.train)
     for i, t in enumerate(ds.train):
-        assert raw[i] == [open(f, "rb").read() for f in t.frames]
+        assert list(raw[i]) == [open(f, "rb").read() for f in t.frames]
     b = list(train_loader(url, clip_len=4, p=3, k=2, height=H, width=W, batches_per_epoch=2,
                           epoch=0, seed=0, num_workers=0))
     assert len(b) == 2 and all(sorted(Counter(x["pids"].tolist()).values()) == [2, 2, 2] for x in b)
@@ -563,3 +579,71 @@ def test_iter_tar_accepts_signed_checksum_and_rejects_wrong_one():
     raw[148:156] = b"%06o\0 " % (signed + 1)
     with pytest.raises(TarError):
         list(iter_tar(io.BytesIO(bytes(raw))))
+
+
+# --------------------------------------------------------------------------- block layout (frame_bytes)
+def test_block_and_member_layouts_read_alike(tmp_path, eval_set):
+    tracks = _make_tracklets(11, 6, 2, frames=(1, 9))
+    urls = {}
+    for layout in LAYOUTS:
+        urls[layout] = str(tmp_path / layout)
+        _write_dataset(urls[layout], {"train": tracks, **eval_set}, ids_per_shard=2, layout=layout)
+    a, b = (_run_train(urls[lay], p=3, k=2, batches_per_epoch=5, epoch=2) for lay in LAYOUTS)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x["clips"], y["clips"]) and torch.equal(x["pids"], y["pids"])
+        assert x["skipped"] == y["skipped"] == 0
+    for split in ("query", "gallery"):
+        ea, eb = (_eval(urls[lay], split, num_workers=0, clips_per_batch=4) for lay in LAYOUTS)
+        for x, y in zip(ea, eb, strict=True):
+            assert torch.equal(x["clips"], y["clips"]) and torch.equal(x["index"], y["index"])
+
+
+@pytest.mark.parametrize("layout,headers", [("block", "one per sample"), ("members", "one per member")])
+def test_block_layout_parses_one_header_per_sample(tmp_path, eval_set, monkeypatch, layout, headers):
+    from pipeline import stream
+    url = str(tmp_path)
+    _write_dataset(url, {"gallery": eval_set["gallery"]}, tracklets_per_shard=100, layout=layout)
+    calls = []
+    real = stream._TarReader.next
+    monkeypatch.setattr(stream._TarReader, "next", lambda self: calls.append(1) or real(self))
+    got = list(iter_samples(storage.join(url, "gallery-000000.tar")))
+    assert [list(f) for _, _, f in got] == [t["frames"] for t in eval_set["gallery"]]
+    n_samples = len(eval_set["gallery"])
+    n_members = n_samples + sum(len(t["frames"]) for t in eval_set["gallery"])
+    assert len(calls) == (n_samples if layout == "block" else n_members) + 1  # + end-of-archive
+
+
+def test_block_layout_damaged_frame_header_drops_only_its_sample(tmp_path):
+    url = str(tmp_path)
+    rng = np.random.default_rng(12)
+    tracks = [{"pid": i, "camid": 0, "frames": [_jpeg(rng) for _ in range(5)]} for i in range(4)]
+    _write_dataset(url, {"gallery": tracks}, tracklets_per_shard=4)
+    surl = storage.join(url, "gallery-000000.tar")
+    raw = bytearray(storage.read_bytes(surl))
+    with tarfile.open(fileobj=io.BytesIO(bytes(raw))) as tf:
+        m = tf.getmember("gallery_0000001.002.jpg")  # a middle frame: only its own check sees it
+        cut = tf.getmember("gallery_0000003.001.jpg").offset_data + 100
+    raw[m.offset + 10] ^= 0x01
+    storage.write_bytes(surl, bytes(raw))
+    per, _, skipped = _eval_frames(_eval(url, "gallery", num_workers=0), 4)
+    assert sorted(per) == [0, 2, 3] and skipped == 1
+    for i in (0, 2, 3):
+        np.testing.assert_array_equal(np.concatenate(per[i])[:5], np.stack([_decode(f) for f in tracks[i]["frames"]]))
+    # a cut inside a block is a truncated shard, counted once; samples before it are kept
+    storage.write_bytes(surl, bytes(raw[:cut]))
+    per, _, skipped = _eval_frames(_eval(url, "gallery", num_workers=0), 4)
+    assert sorted(per) == [0, 2] and skipped == 2
+
+
+def test_chunks_unread_across_reads():
+    from pipeline.stream import _Chunks
+    data = bytes(range(100))
+    c = _Chunks(io.BytesIO(data), 7)
+    assert bytes(c.take(5)) == data[:5]
+    got = c.take(20)  # spans several 7-byte reads
+    assert bytes(got) == data[5:25] and c.offset == 25
+    c.unread(got)
+    assert c.offset == 5 and bytes(c.take(30)) == data[5:35]
+    x = c.take(3)
+    c.unread(x)  # within the current read
+    assert c.offset == 35 and bytes(c.take(65)) == data[35:] and bytes(c.take(1)) == b""

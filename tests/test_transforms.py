@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_frame, erase_box,
-                                 eval_clip_indices, mean_fill, restricted_sample, normalize_clips)
+from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, _pil_decode, decode_frame, decode_into,
+                                 erase_box, eval_clip_indices, mean_fill, restricted_sample,
+                                 normalize_clips)
 
 
 def _jpeg(arr: np.ndarray, quality: int = 95) -> bytes:
@@ -80,6 +81,36 @@ def test_decode_frame_grayscale_and_png():
     Image.fromarray(g).save(buf, "PNG")
     out = decode_frame(buf.getvalue(), 20, 10)
     assert out.shape == (20, 10, 3) and np.all(out == 77)
+
+
+@pytest.mark.parametrize("src", [(128, 64), (131, 67)])
+@pytest.mark.parametrize("dst", [(128, 64), (64, 32), (32, 16), (30, 14), (40, 20), (15, 7), (60, 10),
+                                 (200, 100), (100, 50)])
+def test_decode_into_equals_pil_decode_at_every_scale(src, dst):
+    # libjpeg-turbo's own scaler would pick 3/8 for 128x64 -> 40x20; we must pick PIL's power of 2
+    arr = np.random.default_rng(sum(src)).integers(0, 256, (*src, 3), dtype=np.uint8)
+    data = _jpeg(arr)
+    out = np.full((*dst, 3), 7, np.uint8)
+    assert decode_into(data, out) is out
+    np.testing.assert_array_equal(out, _pil_decode(data, *dst))
+    np.testing.assert_array_equal(decode_into(memoryview(data), np.empty_like(out), flip=True), out[:, ::-1])
+
+
+def test_decode_into_writes_the_callers_buffer():
+    data = _jpeg(np.random.default_rng(4).integers(0, 256, (32, 16, 3), dtype=np.uint8))
+    batch = np.zeros((2, 3, 32, 16, 3), np.uint8)
+    decode_into(data, batch[1, 2])
+    np.testing.assert_array_equal(batch[1, 2], np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    assert not batch[:1].any() and not batch[1, :2].any()
+
+
+def test_decode_into_cmyk_and_grayscale_jpeg_via_the_same_pixels_as_pil():
+    arr = np.random.default_rng(5).integers(0, 256, (32, 16, 3), dtype=np.uint8)
+    for mode in ("CMYK", "L"):
+        buf = io.BytesIO()
+        Image.fromarray(arr).convert(mode).save(buf, "JPEG", quality=90)
+        ref = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+        np.testing.assert_array_equal(decode_frame(buf.getvalue(), 32, 16), ref)
 
 
 def test_decode_frame_rejects_garbage_and_truncation():
