@@ -102,10 +102,10 @@ def _loader_profile(url: str, common: dict) -> dict:
     def cum(pred):
         return sum(v[3] for k, v in st.items() if pred(k))
 
-    decode = cum(lambda k: k[2] == "decode_frame")
+    decode = cum(lambda k: k[2] == "decode_into")  # libjpeg-turbo (simplejpeg) + the flip
+    flip = cum(lambda k: "flip" in k[2] and "TensorBase" in k[2])
     parse = cum(lambda k: k[2] == "iter_samples")
-    pil_decode_only = cum(lambda k: k[0].endswith("ImageFile.py") and k[2] == "load")
-    return {"total_s": total, "decode_frame_s": decode, "of_which_libjpeg_s": pil_decode_only,
+    return {"total_s": total, "decode_into_s": decode, "of_which_flip_s": flip,
             "tar_parse_validate_s": parse, "other_s": total - decode - parse}
 
 

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import storage
-from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_into, erase_box,
+from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, check_jpeg, decode_clips, decode_into, erase_box,
                                  eval_clip_indices, mean_fill, normalize_clips,
                                  restricted_sample)
 
@@ -508,18 +508,25 @@ class _Normalized:
     one vectorised pass in the consumer (or, with ``normalize=False``, on the GPU via
     ``normalize_clips``)."""
 
-    def __init__(self, loader: DataLoader, mean, std, normalize: bool, pin: bool):
+    def __init__(self, loader: DataLoader, mean, std, normalize: bool, pin: bool, decode=None):
         self.loader, self.mean, self.std, self.normalize, self.pin = loader, mean, std, normalize, pin
+        self.decode = decode  # kwargs of decode_clips for batches shipped as JPEG bytes
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
         for b in self.loader:
+            if "jpegs" in b:
+                clips, replaced = decode_clips(np.require(b.pop("jpegs"), requirements="W"), b.pop("offsets"),
+                                               b.pop("flips"), b.pop("erase"), pids=b["pids"], **self.decode)
+                b = {"clips": clips, **b, "skipped": b["skipped"] + replaced}
+                if self.normalize:
+                    b["clips"] = normalize_clips(clips, self.mean, self.std)  # on the device
             for key, v in b.items():  # small id arrays travel pickled, not as shared-memory tensors
                 if isinstance(v, np.ndarray):
                     b[key] = torch.from_numpy(v)
-            if self.normalize:
+            if self.normalize and b["clips"].dtype == torch.uint8:
                 u8 = b["clips"]
                 out = torch.empty(u8.shape[:-3] + (3, *u8.shape[-3:-1]), dtype=torch.float32,
                                   pin_memory=self.pin)
@@ -533,7 +540,7 @@ def _as_is(batch):
     return batch
 
 
-def _make_loader(ds, num_workers, pin_memory, prefetch_factor, mean, std, normalize) -> _Normalized:
+def _make_loader(ds, num_workers, pin_memory, prefetch_factor, mean, std, normalize, decode=None) -> _Normalized:
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     pin = bool(pin_memory) and torch.cuda.is_available()
@@ -541,7 +548,7 @@ def _make_loader(ds, num_workers, pin_memory, prefetch_factor, mean, std, normal
                         pin_memory=pin and not normalize,
                         prefetch_factor=prefetch_factor if num_workers > 0 else None,
                         persistent_workers=False)
-    return _Normalized(loader, mean, std, normalize, pin and normalize)
+    return _Normalized(loader, mean, std, normalize, pin and normalize, decode)
 
 
 def _shard_urls(url, split_info: dict) -> list[str]:
@@ -551,7 +558,7 @@ def _shard_urls(url, split_info: dict) -> list[str]:
 # =========================================================================== training
 def _train_worker(worker: int, num_workers: int, *, shards, shard_ids, num_ids, num_classes, clip_len, p, k,
                   height, width, batches_per_epoch, epoch, seed, rank, world_size, hflip,
-                  random_erasing, mean):
+                  random_erasing, mean, encoded=False):
     n_batches = batches_per_epoch // num_workers + (worker < batches_per_epoch % num_workers)
     if n_batches == 0:
         return
@@ -621,7 +628,12 @@ def _train_worker(worker: int, num_workers: int, *, shards, shard_ids, num_ids, 
 
     shape = (p * k, clip_len, height, width, 3)
     for _ in range(n_batches):
-        clips, u8 = _u8_batch(shape)
+        if encoded:  # the sampled JPEGs themselves, decoded by the consumer (decode="device")
+            jpegs: list = [b""] * (p * k * clip_len)
+            flips = np.zeros(p * k, dtype=bool)
+            erase = np.zeros((p * k, 4), dtype=np.int64)
+        else:
+            clips, u8 = _u8_batch(shape)
         pids = np.empty(p * k, dtype=np.int64)
         camids = np.empty(p * k, dtype=np.int64)
         refill(p)
@@ -640,7 +652,11 @@ def _train_worker(worker: int, num_workers: int, *, shards, shard_ids, num_ids, 
                 flip = hflip and rng.random() < 0.5
                 try:
                     for n, fi in enumerate(idx):
-                        decode_into(frames[fi], u8[slot + j, n], flip)
+                        if encoded:
+                            check_jpeg(frames[fi])
+                            jpegs[(slot + j) * clip_len + n] = frames[fi]
+                        else:
+                            decode_into(frames[fi], u8[slot + j, n], flip)
                 except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad data
                     skips.add("sample", f"tracklet {meta.get('tracklet', meta['index'])}",
                               f"frame {fi} does not decode ({e})")
@@ -652,7 +668,12 @@ def _train_worker(worker: int, num_workers: int, *, shards, shard_ids, num_ids, 
                     box = erase_box(height, width, rng)
                     if box is not None:  # same rectangle on every frame of the clip
                         y, x, h, w = box
-                        u8[slot + j, :, y:y + h, x:x + w] = fill
+                        if encoded:
+                            erase[slot + j] = box
+                        else:
+                            u8[slot + j, :, y:y + h, x:x + w] = fill
+                if encoded:
+                    flips[slot + j] = flip
                 pids[slot + j], camids[slot + j] = meta["pid"], meta["camid"]
             if ok:
                 groups[pid].pop()
@@ -671,15 +692,21 @@ def _train_worker(worker: int, num_workers: int, *, shards, shard_ids, num_ids, 
                     raise RuntimeError(f"not enough usable identities for a P={p} batch "
                                        f"({skips.total} inputs skipped)")
             chosen.append(spare.pop(int(rng.integers(len(spare)))))
-        yield {"clips": clips, "pids": pids, "camids": camids,
-               "skipped": skips.take()}
+        if encoded:  # one buffer + bounds: a single pickled object, not B*N small ones
+            offsets = np.zeros(len(jpegs) + 1, dtype=np.int64)
+            np.cumsum([len(b) for b in jpegs], out=offsets[1:])
+            yield {"jpegs": np.frombuffer(b"".join(jpegs), dtype=np.uint8), "offsets": offsets,
+                   "flips": flips, "erase": erase, "pids": pids, "camids": camids, "skipped": skips.take()}
+        else:
+            yield {"clips": clips, "pids": pids, "camids": camids, "skipped": skips.take()}
 
 
 def train_loader(url, *, clip_len: int, p: int, k: int, height: int, width: int,
                  batches_per_epoch: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 2, hflip: bool = True, random_erasing: float = 0.0,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, pin_memory: bool = False,
-                 prefetch_factor: int = 2, normalize: bool = True):
+                 prefetch_factor: int = 2, normalize: bool = True, decode: str = "loader",
+                 device=None):
     """Training stream for one rank: exactly ``batches_per_epoch`` P x K batches
     ``{"clips": float32 (P*K, N, 3, H, W), "pids": long, "camids": long, "skipped": int}``.
 
@@ -698,7 +725,14 @@ def train_loader(url, *, clip_len: int, p: int, k: int, height: int, width: int,
     Workers ship uint8 clips; the returned iterable (``len()`` = ``batches_per_epoch``) converts
     them to normalised float32 in the consuming process. ``normalize=False`` (an extension of the
     interface) hands out the uint8 ``(P*K, N, H, W, 3)`` clips instead, for
-    ``normalize_clips(clips.to(device), mean, std)`` on the GPU (4x less host-to-device traffic)."""
+    ``normalize_clips(clips.to(device), mean, std)`` on the GPU (4x less host-to-device traffic).
+
+    ``decode="device"``: workers sample, validate the JPEG headers and draw the augmentation as
+    above but ship the sampled frames undecoded; the iterating process decodes each batch on
+    ``device`` (``pipeline.transforms.decode_clips``: nvJPEG on a GPU, libjpeg-turbo on CPU,
+    where the batches equal ``decode="loader"``'s exactly) and hands out clips on ``device``."""
+    if decode not in ("loader", "device"):
+        raise ValueError(f"decode must be 'loader' or 'device', got {decode!r}")
     for name, v in (("clip_len", clip_len), ("p", p), ("k", k), ("height", height), ("width", width)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
@@ -718,9 +752,13 @@ def train_loader(url, *, clip_len: int, p: int, k: int, height: int, width: int,
         num_classes=int(man.get("num_classes") or num_ids), clip_len=clip_len, p=p, k=k,
         height=height, width=width, batches_per_epoch=batches_per_epoch, epoch=epoch, seed=seed,
         rank=rank, world_size=world_size, hflip=hflip, random_erasing=random_erasing,
-        mean=tuple(mean))
+        mean=tuple(mean), encoded=decode == "device")
+    dec = None
+    if decode == "device":
+        dec = dict(clip_len=clip_len, height=height, width=width, fill=mean_fill(mean),
+                   device=torch.device(device if device is not None else "cpu"))
     return _make_loader(_WorkerStream(fn, batches_per_epoch), num_workers, pin_memory,
-                        prefetch_factor, tuple(mean), tuple(std), normalize)
+                        prefetch_factor, tuple(mean), tuple(std), normalize, dec)
 
 
 # =========================================================================== evaluation

@@ -150,3 +150,94 @@ def model_input(clips: torch.Tensor, device: torch.device, dtype: torch.dtype, m
         clips = normalize_clips(clips.to(device, non_blocking=True),
                                 IMAGENET_MEAN if mean is None else mean, IMAGENET_STD if std is None else std)
     return clips.to(device=device, dtype=dtype, non_blocking=True)
+
+
+# --------------------------------------------------------------------------- decoding on the consumer
+def check_jpeg(data) -> None:
+    """Cheap validation of a frame the loader ships undecoded: ``ValueError`` unless it starts
+    with a parseable JPEG header (about 1 us; truncated data is only found when decoding)."""
+    if bytes(data[:2]) != b"\xff\xd8":
+        raise ValueError("not a JPEG")
+    simplejpeg.decode_jpeg_header(data)
+
+
+def _nvjpeg(device: torch.device):
+    """Batched GPU decode (nvJPEG through torchvision, which the GPU image installs)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError as e:  # pragma: no cover - CPU installs have no torchvision
+        raise RuntimeError(f"data.decode=device on {device} needs torchvision (nvJPEG): {e}") from None
+
+    def decode_many(datas: list[torch.Tensor]) -> list[torch.Tensor]:
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+
+    return decode_many
+
+
+def decode_clips(jpegs: np.ndarray, offsets: np.ndarray, flips: np.ndarray, erase: np.ndarray, *,
+                 clip_len: int, height: int, width: int, fill, pids, device: torch.device,
+                 decode_many=None) -> tuple[torch.Tensor, int]:
+    """Decode a batch the loader shipped as JPEG bytes (``train_loader(decode="device")``) on
+    ``device``: returns uint8 ``(B, N, H, W, 3)`` clips (a view of channel-first memory on a
+    GPU) with the loader's flips and erasing applied, and the number of clips replaced because a
+    frame would not decode.
+
+    ``jpegs`` holds the B*N frames back to back (clip-major), ``offsets`` their B*N+1 bounds,
+    ``flips`` (B,) bool, ``erase`` (B, 4) int ``(y, x, h, w)`` rows, ``h == 0`` for none.
+    On CPU (``decode_many=None``) frames go through ``decode_into``: pixels equal the loader's own
+    decode. Elsewhere ``decode_many(list of 1-D uint8 CPU tensors) -> list of (3, h, w) uint8
+    tensors on device`` decodes the batch in one call (default: nvJPEG); frames of another size are
+    resized bilinearly on the device (antialiased; close to, not bit-equal with, PIL's resize).
+    A frame that does not decode (also not on the CPU) is counted, and its clip is replaced by
+    another clip of the same identity in the batch (P x K stays intact), or the fill colour."""
+    b = len(flips)
+    fill = torch.as_tensor(np.asarray(fill, dtype=np.uint8))
+    bad: set[int] = set()
+    if decode_many is None and device.type == "cpu":
+        out = torch.empty((b, clip_len, height, width, 3), dtype=torch.uint8)
+        arr = out.numpy()
+        for i in range(b * clip_len):
+            c, n = divmod(i, clip_len)
+            try:
+                decode_into(jpegs[offsets[i]:offsets[i + 1]], arr[c, n], bool(flips[c]))
+            except (OSError, ValueError, SyntaxError):
+                bad.add(c)
+        for c in np.flatnonzero(erase[:, 2]):
+            y, x, h, w = (int(v) for v in erase[c])
+            out[c, :, y:y + h, x:x + w] = fill
+        chw = None
+    else:
+        decode_many = decode_many or _nvjpeg(device)
+        buf = torch.from_numpy(jpegs)
+        datas = [buf[offsets[i]:offsets[i + 1]] for i in range(b * clip_len)]
+        try:
+            imgs = list(decode_many(datas))
+        except RuntimeError:  # the batched call returns nothing on any error: find the bad ones
+            imgs = []
+            for i, d in enumerate(datas):
+                try:
+                    imgs.append(decode_many([d])[0])
+                except RuntimeError:
+                    bad.add(i // clip_len)
+                    imgs.append(torch.zeros((3, height, width), dtype=torch.uint8, device=device))
+        for i, im in enumerate(imgs):
+            if im.shape[-2:] != (height, width):
+                im = torch.nn.functional.interpolate(im[None].float(), size=(height, width), mode="bilinear",
+                                                     align_corners=False, antialias=True)[0]
+                imgs[i] = im.round_().clamp_(0, 255).to(torch.uint8)
+        chw = torch.stack(imgs).view(b, clip_len, 3, height, width)
+        flip_t = torch.as_tensor(np.asarray(flips, dtype=bool)).to(device)
+        chw = torch.where(flip_t.view(b, 1, 1, 1, 1), chw.flip(-1), chw)
+        fill_d = fill.to(device).view(3, 1, 1)
+        for c in np.flatnonzero(erase[:, 2]):
+            y, x, h, w = (int(v) for v in erase[c])
+            chw[c, :, :, y:y + h, x:x + w] = fill_d
+        out = chw.permute(0, 1, 3, 4, 2)
+    pids = np.asarray(pids)
+    for c in sorted(bad):
+        donors = [d for d in np.flatnonzero(pids == pids[c]) if d not in bad]
+        if donors:
+            out[c] = out[donors[0]]
+        else:
+            out[c] = fill.to(out.device)
+    return out, len(bad)

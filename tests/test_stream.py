@@ -647,3 +647,35 @@ def test_chunks_unread_across_reads():
     x = c.take(3)
     c.unread(x)  # within the current read
     assert c.offset == 35 and bytes(c.take(65)) == data[35:] and bytes(c.take(1)) == b""
+
+
+# --------------------------------------------------------------------------- decode="device"
+@pytest.mark.parametrize("num_workers,normalize", [(0, False), (2, True)])
+def test_train_device_decode_equals_loader_decode_on_cpu(train_dir, num_workers, normalize):
+    url, _ = train_dir
+    kw = dict(num_workers=num_workers, normalize=normalize, random_erasing=0.5, batches_per_epoch=5)
+    a = _run_train(url, **kw)
+    b = _run_train(url, decode="device", device="cpu", **kw)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x["clips"], y["clips"]) and torch.equal(x["pids"], y["pids"])
+        assert torch.equal(x["camids"], y["camids"]) and x["skipped"] == y["skipped"] == 0
+        assert set(y) == {"clips", "pids", "camids", "skipped"}
+    with pytest.raises(ValueError, match="decode must be"):
+        _run_train(url, decode="gpu")
+
+
+def test_train_device_decode_bad_frames(tmp_path):
+    url = str(tmp_path)
+    tracks = _make_tracklets(13, 4, 2, frames=(3, 3))
+    tracks[0]["frames"] = [b"junk"] * 3  # no JPEG header: caught in the loader, tracklet dropped
+    cut = tracks[2]["frames"][1]
+    tracks[2]["frames"][1] = cut[:len(cut) // 2]  # valid header, truncated data: only decode sees it
+    _write_dataset(url, {"train": tracks}, ids_per_shard=4)
+    batches = _run_train(url, p=4, k=2, batches_per_epoch=1, decode="device", device="cpu",
+                         normalize=False, clip_len=3)
+    b = batches[0]
+    assert Counter(b["pids"].tolist()) == {0: 2, 1: 2, 2: 2, 3: 2}
+    assert b["skipped"] == 2  # one dropped by the loader, one clip replaced by the consumer
+    pid1 = np.flatnonzero(b["pids"].numpy() == 1)
+    # tracklet 2 (pid 1) was replaced by its identity's other clip in the batch
+    assert torch.equal(b["clips"][pid1[0]], b["clips"][pid1[1]])

@@ -160,3 +160,58 @@ def test_model_input_normalises_uint8_like_the_float_path():
     # float input passes through (already normalised by the loader), cast to the engine's dtype
     assert model_input(want, torch.device("cpu"), torch.bfloat16).dtype == torch.bfloat16
     torch.testing.assert_close(model_input(want, torch.device("cpu"), torch.float32), want)
+
+
+def _cpu_decode_many(datas):
+    """A stand-in for nvJPEG: the same call shape, (3, h, w) tensors, on CPU."""
+    import simplejpeg
+    out = []
+    for d in datas:
+        try:
+            out.append(torch.from_numpy(simplejpeg.decode_jpeg(d.numpy().tobytes(), "RGB")).permute(2, 0, 1))
+        except ValueError as e:
+            raise RuntimeError(str(e)) from None
+    return out
+
+
+def _batch(frames):
+    offsets = np.zeros(len(frames) + 1, np.int64)
+    np.cumsum([len(f) for f in frames], out=offsets[1:])
+    return np.frombuffer(b"".join(frames), np.uint8).copy(), offsets
+
+
+def test_decode_clips_cpu_and_batched_paths_agree():
+    from pipeline.transforms import decode_clips
+    rng = np.random.default_rng(6)
+    frames = [_jpeg(rng.integers(0, 256, (32, 16, 3), dtype=np.uint8)) for _ in range(6)]
+    jpegs, offsets = _batch(frames)
+    flips = np.array([True, False, True])
+    erase = np.array([[0, 0, 0, 0], [4, 2, 10, 5], [0, 0, 0, 0]])
+    kw = dict(clip_len=2, height=32, width=16, fill=(1, 2, 3), pids=[0, 0, 1], device=torch.device("cpu"))
+    cpu, bad = decode_clips(jpegs, offsets, flips, erase, **kw)
+    assert bad == 0 and cpu.shape == (3, 2, 32, 16, 3)
+    ref = np.stack([decode_frame(f, 32, 16) for f in frames]).reshape(3, 2, 32, 16, 3)
+    ref[0] = ref[0][:, :, ::-1]
+    ref[2] = ref[2][:, :, ::-1]
+    ref[1, :, 4:14, 2:7] = (1, 2, 3)
+    np.testing.assert_array_equal(cpu.numpy(), ref)
+    batched, bad = decode_clips(jpegs, offsets, flips, erase, decode_many=_cpu_decode_many, **kw)
+    assert bad == 0 and torch.equal(batched, cpu)
+
+
+def test_decode_clips_batched_resizes_and_replaces_bad_clips():
+    from pipeline.transforms import decode_clips
+    y, x = np.mgrid[0:64, 0:32]
+    smooth = np.stack([y * 3, x * 6, (x + y) % 256], -1).astype(np.uint8)
+    good = _jpeg(smooth)
+    broken = good[:len(good) // 3]
+    jpegs, offsets = _batch([good, good, good, broken, good, good])
+    kw = dict(clip_len=2, height=32, width=16, fill=(9, 9, 9), flips=np.zeros(3, bool),
+              erase=np.zeros((3, 4), np.int64), device=torch.device("cpu"), decode_many=_cpu_decode_many)
+    out, bad = decode_clips(jpegs, offsets, pids=[5, 5, 6], **kw)
+    assert bad == 1 and out.shape == (3, 2, 32, 16, 3)
+    assert torch.equal(out[1], out[0])  # clip 1 (broken frame) replaced by pid 5's other clip
+    ref = decode_frame(good, 32, 16)  # PIL's bilinear; the device resize is close, not equal
+    assert np.abs(out[2, 0].numpy().astype(int) - ref).mean() < 3
+    out, bad = decode_clips(jpegs, offsets, pids=[5, 7, 6], **kw)
+    assert bad == 1 and (out[1] == 9).all()  # no other clip of pid 7: the fill colour
