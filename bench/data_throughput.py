@@ -7,6 +7,9 @@ clip-consistent flip, resize to the target size and ImageNet normalisation, P x 
 * ``stream_local`` -- ``pipeline.stream.train_loader`` over local shards;
 * ``stream_local_u8`` -- the same with ``normalize=False``: uint8 clips, normalisation left to
   the GPU (``normalize_clips`` after ``.to(device)``), the intended training setup;
+* ``stream_local_jpeg`` -- ``decode="device"`` with device ``cpu``: the worker ships the sampled
+  JPEGs, the main process decodes them (libjpeg-turbo) into the batch; on a GPU this decode is
+  nvJPEG's. Same output as ``stream_local_u8``;
 * ``stream_s3``    -- the same as ``stream_local`` over moto's S3 server on 127.0.0.1 (``--s3``; the server runs in a
   thread of this process, so it also takes CPU of the measuring process);
 * ``per_file``     -- map-style Dataset whose ``__getitem__`` opens each sampled JPEG file with PIL
@@ -205,6 +208,8 @@ def main(argv=None) -> int:
     cases = {
         "stream_local": lambda r: train_loader(shards_url, epoch=r, **common),
         "stream_local_u8": lambda r: train_loader(shards_url, epoch=r, normalize=False, **common),
+        "stream_local_jpeg": lambda r: train_loader(shards_url, epoch=r, normalize=False, decode="device",
+                                                    device="cpu", **common),
         "per_file": lambda r: DataLoader(
             PerFileClips(train, N, H, W, IMAGENET_MEAN, IMAGENET_STD), batch_size=P * K,
             sampler=RandomIdentitySampler(train, P, K, B, seed=r), num_workers=nw, drop_last=True),
@@ -277,7 +282,7 @@ def main(argv=None) -> int:
     # Wall-clock ratios, and CPU-time ratios (frames per CPU-second of loader worker + main
     # process vs. of the decode loop): the per-core efficiency, much less sensitive to other load.
     ratios = {}
-    for name in ("stream_local", "stream_local_u8", "stream_s3"):
+    for name in ("stream_local", "stream_local_u8", "stream_local_jpeg", "stream_s3"):
         if name in summary:
             ratios[f"{name}_vs_per_file"] = per_repeat(name, "per_file")
             ratios[f"{name}_vs_raw_decode"] = per_repeat(name, "raw_decode")
