@@ -19,6 +19,7 @@ DATASETS = ("synthetic", "mars", "dukev")
 MODEL_KINDS = ("sta", "temporal_pooling")
 TRUNKS = ("resnet50", "resnet18", "tiny")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile
 OPTIMIZERS = ("adam", "adamw", "sgd")
 FUSIONS = ("max", "avg")
 
@@ -71,6 +72,11 @@ class ModelConfig:
     num_blocks: int = 4  # K horizontal stripes
     embed_dim: int = 1024
     fusion: list[str] = field(default_factory=lambda: ["max", "avg"])
+    # Frames enter the trunk as NHWC (channels_last): cuDNN's fastest conv layout with bf16/fp16
+    # tensor cores; the GPU recipes (mars.yaml, dukev.yaml) set it, CPU runs gain nothing from it.
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model (DeepSpeed's engine.compile, inductor)
+    compile_mode: str = "default"  # torch.compile mode
 
 
 @dataclass
@@ -102,6 +108,9 @@ class DeepSpeedConfig:
     precision: str = "auto"  # bf16 on GPUs that have it, fp16 (dynamic loss scale) on older GPUs, fp32 on CPU
     grad_clip: float = 0.0  # 0 = off
     grad_accum: int = 1
+    # ZeRO 1/2 bucket sizes in elements (floats so 5e6 parses); docs/performance.md says why these.
+    reduce_bucket_size: float = 5e6  # gradient reduce buckets: smaller ones overlap backward
+    allgather_bucket_size: float = 5e7  # parameter all-gather after the step: nothing to overlap
 
 
 @dataclass
@@ -353,6 +362,7 @@ def validate(cfg: Config) -> Config:
     need(m.embed_dim >= 1, "model.embed_dim", "must be >= 1")
     need(bool(m.fusion) and all(f in FUSIONS for f in m.fusion) and len(set(m.fusion)) == len(m.fusion),
          "model.fusion", f"a non-empty subset of {FUSIONS}, got {m.fusion}")
+    need(m.compile_mode in COMPILE_MODES, "model.compile_mode", f"must be one of {COMPILE_MODES}, got {m.compile_mode!r}")
     stride = _trunk_stride(m.trunk, m.last_stride)
     need(d.height % stride == 0 and d.width % stride == 0, "data.height",
          f"{d.height}x{d.width} is not divisible by the {m.trunk} trunk's stride {stride}")
@@ -375,6 +385,9 @@ def validate(cfg: Config) -> Config:
     need(ds.precision in PRECISIONS, "deepspeed.precision", f"must be one of {PRECISIONS}")
     need(ds.grad_accum >= 1, "deepspeed.grad_accum", "must be >= 1")
     need(ds.grad_clip >= 0, "deepspeed.grad_clip", "must be >= 0")
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        v = getattr(ds, key)
+        need(v >= 1 and float(v).is_integer(), f"deepspeed.{key}", f"must be a whole number of elements > 0, got {v}")
     sc = cfg.scaling
     need(sc.num_workers >= 1, "scaling.num_workers", "must be >= 1")
     need(sc.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")

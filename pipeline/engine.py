@@ -55,7 +55,8 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict[str, 
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}
     if cfg.deepspeed.zero_stage >= 1:
         ds["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True,
-                                       reduce_bucket_size=5e7, allgather_bucket_size=5e7)
+                                       reduce_bucket_size=int(cfg.deepspeed.reduce_bucket_size),
+                                       allgather_bucket_size=int(cfg.deepspeed.allgather_bucket_size))
     return ds
 
 
@@ -89,12 +90,15 @@ def build_engine(model: torch.nn.Module, cfg: Config, *, world_size: int, steps_
     """``deepspeed.initialize`` with a config generated from ``cfg``.
 
     Uses the process group Ray Train set up; a single process without one gets a 1-rank group.
+    Also applies the model section's speed knobs: ``channels_last`` (the trunk's input layout;
+    parameters keep their strides, see ``sta_model.model``) and ``compile``.
     Returns ``(engine, precision, ds_config)``.
     """
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    model.channels_last = cfg.model.channels_last
     precision = resolve_precision(cfg.deepspeed.precision, cfg.scaling.use_gpu)
     ds_cfg = deepspeed_config(cfg, world_size, precision)
     optimizer = build_optimizer(cfg, param_groups(model, cfg.optim.weight_decay), cfg.scaling.use_gpu)
@@ -102,7 +106,16 @@ def build_engine(model: torch.nn.Module, cfg: Config, *, world_size: int, steps_
         optimizer, lambda step: lr_factor(step, steps_per_epoch, cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_cfg)
+    if cfg.model.compile:
+        compile_engine(engine, cfg.model.compile_mode)
     return engine, precision, ds_cfg
+
+
+def compile_engine(engine, mode: str = "default") -> None:
+    """``torch.compile`` the engine's module in place (DeepSpeed's ``engine.compile``, i.e.
+    ``nn.Module.compile``): parameter names, checkpoints and ZeRO's gradient hooks are unchanged;
+    the first steps (and the first eval-mode call) pay the compilation."""
+    engine.compile(backend="inductor", compile_kwargs={} if mode == "default" else {"mode": mode})
 
 
 def autocast_dtype(precision: str) -> torch.dtype:

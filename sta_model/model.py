@@ -5,6 +5,13 @@ pooled clip feature -> FC (``embed_dim``) -> BatchNorm1d -> classifier (no bias)
 The FC output *before* the BN is returned as ``"features"`` and is what the batch-hard triplet
 loss uses (BNNeck style, Luo et al. 2019); the BN output is ``"embedding"``, fed to the
 classifier and returned in eval mode for retrieval.
+
+``channels_last=True`` makes only the frames fed to the trunk NHWC, never the parameters: the
+convolutions then run NHWC anyway (cuDNN/oneDNN take the layout from the input and convert each
+weight per call, MBs against the activations' GBs), and the parameters keep the default strides
+that DeepSpeed needs (its initial broadcast views every parameter as bytes, which fails for NHWC
+conv weights, and ZeRO re-points parameters into flat contiguous buffers). A plain PyTorch loop
+may also call ``model.to(memory_format=torch.channels_last)``.
 """
 from __future__ import annotations
 
@@ -35,11 +42,16 @@ class _Head(nn.Module):
         return features, embedding, self.classifier(embedding)
 
 
-def _frame_features(trunk: nn.Module, clips: torch.Tensor) -> torch.Tensor:
+def _frame_features(trunk: nn.Module, clips: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     if clips.dim() != 5:
         raise ValueError(f"expected clips of shape (B, N, 3, H, W), got {tuple(clips.shape)}")
     B, N = clips.shape[:2]
-    f = trunk(clips.flatten(0, 1))
+    frames = clips.flatten(0, 1)
+    if channels_last:
+        # Convolutions take their layout from the input (cuDNN/oneDNN pick NHWC when the input or
+        # the weight is NHWC), so every activation of the trunk stays channels_last from here on.
+        frames = frames.contiguous(memory_format=torch.channels_last)
+    f = trunk(frames)
     return f.reshape(B, N, *f.shape[1:])
 
 
@@ -54,6 +66,8 @@ class STA(nn.Module):
         pretrained (str, optional): trunk weights path/URL (torchvision layout).
         last_stride (int): stride of the trunk's last stage.
         fusion (sequence of str): fused maps to concatenate, ``("max", "avg")`` in the paper.
+        channels_last (bool): feed the trunk NHWC (``torch.channels_last``) frames, the fast conv
+            layout for half-precision tensor cores; same outputs (module docstring).
 
     Input ``(B, N, 3, H, W)`` with any N >= 1. Train mode returns a dict with ``logits (B, P)``,
     ``embedding (B, D)`` (post-BN), ``features (B, D)`` (pre-BN, for the triplet loss),
@@ -62,18 +76,20 @@ class STA(nn.Module):
     """
 
     def __init__(self, num_classes: int, trunk: str = "resnet50", num_blocks: int = 4, embed_dim: int = 1024,
-                 pretrained: str | None = None, last_stride: int = 1, fusion: Sequence[str] = FUSION_MODES):
+                 pretrained: str | None = None, last_stride: int = 1, fusion: Sequence[str] = FUSION_MODES,
+                 channels_last: bool = False):
         super().__init__()
         fusion = tuple(fusion)
         if not fusion or any(m not in FUSION_MODES for m in fusion) or len(set(fusion)) != len(fusion):
             raise ValueError(f"fusion must be a non-empty subset of {FUSION_MODES}, got {fusion}")
         self.trunk = build_trunk(trunk, last_stride=last_stride, pretrained=pretrained)
+        self.channels_last = channels_last
         self.num_blocks = num_blocks
         self.fusion = fusion
         self.head = _Head(self.trunk.out_channels * len(fusion), embed_dim, num_classes)
 
     def forward(self, clips: torch.Tensor):
-        feats = _frame_features(self.trunk, clips)
+        feats = _frame_features(self.trunk, clips, self.channels_last)
         g, S = spatial_temporal_attention(feats, self.num_blocks)
         x = fuse(feats, S, self.num_blocks, self.fusion).mean((2, 3))
         features, embedding, logits = self.head(x)
@@ -87,17 +103,18 @@ class TemporalPooling(nn.Module):
     """Baseline: temporal average of frame maps, global average pool, same head as :class:`STA`.
 
     Train mode returns the same dict as :class:`STA` with ``spatial_maps``/``scores`` None and
-    ``reg`` a zero tensor.
+    ``reg`` a zero tensor. ``channels_last`` as for :class:`STA`.
     """
 
     def __init__(self, num_classes: int, trunk: str = "resnet50", embed_dim: int = 1024,
-                 pretrained: str | None = None, last_stride: int = 1):
+                 pretrained: str | None = None, last_stride: int = 1, channels_last: bool = False):
         super().__init__()
         self.trunk = build_trunk(trunk, last_stride=last_stride, pretrained=pretrained)
+        self.channels_last = channels_last
         self.head = _Head(self.trunk.out_channels, embed_dim, num_classes)
 
     def forward(self, clips: torch.Tensor):
-        feats = _frame_features(self.trunk, clips)
+        feats = _frame_features(self.trunk, clips, self.channels_last)
         features, embedding, logits = self.head(feats.mean((1, 3, 4)))
         if not self.training:
             return embedding

@@ -25,6 +25,19 @@ def test_paper_recipe_in_mars_config():
     assert cfg.loss.margin == 0.3
 
 
+def test_speed_knobs_defaults_and_gpu_recipes():
+    cfg = load_config(None)
+    assert (cfg.model.channels_last, cfg.model.compile, cfg.model.compile_mode) == (False, False, "default")
+    assert (cfg.deepspeed.reduce_bucket_size, cfg.deepspeed.allgather_bucket_size) == (5e6, 5e7)
+    for name in ("mars", "dukev"):  # the GPU recipes run NHWC
+        gpu = load_config(ROOT / "configs" / f"{name}.yaml")
+        assert gpu.scaling.use_gpu and gpu.model.channels_last
+    cfg = load_config(None, ["model.compile=true", "model.compile_mode=max-autotune",
+                             "deepspeed.reduce_bucket_size=2e6"])
+    assert cfg.model.compile and cfg.model.compile_mode == "max-autotune"
+    assert cfg.deepspeed.reduce_bucket_size == 2e6
+
+
 def test_overrides_types_and_precedence(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({"optim": {"lr": 0.01}, "data": {"clip_len": 6}}))
@@ -61,6 +74,13 @@ def test_yaml_float_without_dot(tmp_path):
     (["optim.lr=0"], "optim.lr"),
     (["data.dataset=market"], "data.dataset"),
     (["optim"], "optim"),
+    (["deepspeed.reduce_bucket_size=0"], "deepspeed.reduce_bucket_size"),
+    (["deepspeed.allgather_bucket_size=-5e7"], "deepspeed.allgather_bucket_size"),
+    (["deepspeed.reduce_bucket_size=2.5"], "deepspeed.reduce_bucket_size"),
+    (["deepspeed.reduce_bucket_size=.inf"], "deepspeed.reduce_bucket_size"),
+    (["model.compile_mode=fastest"], "model.compile_mode"),
+    (["model.compile=yes please"], "model.compile"),
+    (["model.channels_last=1"], "model.channels_last"),
 ])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:

@@ -101,3 +101,46 @@ def test_pretrained_trunk_through_model(tmp_path):
     model = STA(num_classes=3, trunk="tiny", pretrained=str(p))
     for k, v in model.trunk.state_dict().items():
         assert torch.equal(v, sd[k])
+
+
+def _conv_layouts(model: torch.nn.Module) -> list:
+    """Records, per Conv2d call, whether its input and output are channels_last."""
+    seen = []
+
+    def hook(mod, args, out):
+        cl = torch.channels_last
+        seen.append((args[0].is_contiguous(memory_format=cl), out.is_contiguous(memory_format=cl)))
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize("kind, trunk", [("sta", "tiny"), ("sta", "resnet18"), ("temporal_pooling", "tiny")])
+def test_channels_last_same_outputs_and_grads(kind, trunk):
+    """Same model, NHWC frames: every conv runs channels_last, results equal up to summation order."""
+    torch.manual_seed(0)
+    ref = build_model(kind, 4, trunk=trunk, embed_dim=16).train()
+    cl = build_model(kind, 4, trunk=trunk, embed_dim=16, channels_last=True).train()
+    cl.load_state_dict(ref.state_dict())
+    ref_layouts, cl_layouts = _conv_layouts(ref), _conv_layouts(cl)
+    clips, pids = torch.rand(4, 3, 3, H, W), torch.tensor([0, 0, 1, 1])
+    for model in (ref, cl):
+        torch.manual_seed(5)  # the Reg frame pair is drawn at random
+        combined_loss(model(clips), pids)["total"].backward()
+    assert cl_layouts and all(i and o for i, o in cl_layouts), cl_layouts  # every conv ran NHWC
+    assert not any(i for i, _ in ref_layouts)  # ... and only because of the knob
+    torch.manual_seed(5)
+    a = ref(clips)
+    torch.manual_seed(5)
+    b = cl(clips)
+    for k in a:
+        if a[k] is not None:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
+    for (name, p), q in zip(ref.named_parameters(), cl.parameters()):
+        assert q.is_contiguous()  # parameters keep their strides (DeepSpeed needs them)
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-4, msg=name)
+    ref.eval(), cl.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cl(clips), ref(clips), rtol=1e-3, atol=1e-4)
