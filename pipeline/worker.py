@@ -7,16 +7,18 @@ The Ray-free parts (:func:`train_step`, :func:`run_epoch`) are what the overhead
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import tempfile
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
 from pipeline import checkpoint as ckpt_lib
 from pipeline.config import Config, config_from_dict
@@ -108,6 +110,109 @@ def run_epoch(engine, batches: Iterable[dict], cfg: Config, *, dtype: torch.dtyp
                frames_per_s=n_frames / elapsed, skipped_samples=int(skipped), batches=int(n_batches),
                lr=engine.get_lr()[0])
     return out
+
+
+class _Primed:
+    """Stands in for a DataLoader whose iterator was already started: the first ``iter()`` hands
+    out that iterator, later ones start afresh; everything else is the DataLoader's."""
+
+    def __init__(self, loader: DataLoader, started: Iterator):
+        self._loader, self._started = loader, started
+
+    def __iter__(self):
+        it, self._started = self._started, None
+        return it if it is not None else iter(self._loader)
+
+    def __len__(self):
+        return len(self._loader)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+def start_batches(loader: Iterable[dict]) -> tuple[Iterator[dict], Optional[Iterator]]:
+    """``iter(loader)`` with its DataLoader started now: a DataLoader's ``iter()`` forks the worker
+    processes, which begin reading shards at once. The stream's wrapper around its DataLoader
+    (``train_loader``'s result) iterates it lazily, at its own first ``next()``, so the DataLoader
+    iterator is started here and handed to the wrapper, whose per-batch work is unchanged.
+    Returns ``(batches, started)``, ``started`` being the running DataLoader iterator (None for
+    other iterables); ``stop_batches`` shuts both down."""
+    if isinstance(loader, DataLoader):
+        it = iter(loader)
+        return it, it
+    inner = getattr(loader, "loader", None)
+    if not isinstance(inner, DataLoader):
+        return iter(loader), None
+    started = iter(inner)
+    loader.loader = _Primed(inner, started)
+    return iter(loader), started
+
+
+def stop_batches(batches: Iterator, started: Optional[Iterator]) -> None:
+    """Stop a started loader's worker processes now (what the DataLoader iterator's ``__del__``
+    does, without waiting for the last reference to go) and close the wrapper's generator."""
+    if hasattr(batches, "close"):
+        batches.close()
+    if started is not None and hasattr(started, "_shutdown_workers"):
+        started._shutdown_workers()
+
+
+def epoch_batches(make_loader: Callable[[int], Iterable[dict]], start_epoch: int, end_epoch: int, *,
+                  on_start: Optional[Callable[[int, Optional[Iterator]], None]] = None
+                  ) -> Iterator[tuple[int, Iterator[dict]]]:
+    """``(epoch, batches)`` for ``start_epoch <= epoch < end_epoch``, ``batches`` being exactly
+    those of ``make_loader(epoch)``, with each next epoch's loader started (``start_batches``)
+    just before this epoch's last batch is handed out (``len(loader)``; at its end if it has no
+    length). Its worker start-up and initial pool read then overlap the last step, evaluation
+    and checkpointing instead of delaying the next epoch's first step. Nothing is started for
+    ``end_epoch``. Close the generator (``contextlib.closing``) to stop loaders started ahead or
+    in use, e.g. on an exception. ``on_start(epoch, started)`` is called for every start, with
+    the running DataLoader iterator (None if the loader has none)."""
+    ahead: dict[int, tuple[Iterator, Optional[Iterator], Optional[int]]] = {}
+
+    def start(epoch: int) -> None:
+        loader = make_loader(epoch)
+        try:
+            n = len(loader)
+        except TypeError:
+            n = None
+        it, started = start_batches(loader)
+        ahead[epoch] = (it, started, n)
+        if on_start is not None:
+            on_start(epoch, started)
+
+    def start_ahead(epoch: int) -> None:
+        if epoch < end_epoch and epoch not in ahead:
+            try:
+                start(epoch)
+            except Exception as exc:  # e.g. a storage hiccup: the epoch's own start retries it
+                log.warning("could not start epoch %d's loader ahead: %s", epoch, exc)
+
+    def batches(epoch: int, it: Iterator, started: Optional[Iterator], n: Optional[int]) -> Iterator[dict]:
+        handed = 0
+        try:
+            for batch in it:
+                handed += 1
+                if handed == n:
+                    start_ahead(epoch + 1)
+                yield batch
+            start_ahead(epoch + 1)  # no len(), or fewer batches than it said
+        finally:
+            stop_batches(it, started)
+
+    current: Optional[Iterator] = None
+    try:
+        for epoch in range(start_epoch, end_epoch):
+            if epoch not in ahead:
+                start(epoch)
+            current = batches(epoch, *ahead.pop(epoch))
+            yield epoch, current
+    finally:
+        if current is not None:
+            current.close()
+        for it, started, _ in ahead.values():
+            stop_batches(it, started)
+        ahead.clear()
 
 
 def attention_clips(model: torch.nn.Module, clips: torch.Tensor):
@@ -206,58 +311,64 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     best = meta.get("best")
     history: dict[str, list] = {}
     last_eval: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        loader = train_loader(cfg.data.shards, clip_len=cfg.data.clip_len, p=cfg.data.p, k=cfg.data.k,
-                              height=cfg.data.height, width=cfg.data.width, batches_per_epoch=steps,
-                              epoch=epoch, seed=cfg.seed, rank=rank, world_size=world,
-                              num_workers=cfg.data.num_workers, hflip=cfg.data.hflip,
-                              random_erasing=cfg.data.random_erasing, pin_memory=device.type == "cuda",
-                              prefetch_factor=cfg.data.prefetch_factor, normalize=False)
-        metrics = run_epoch(engine, loader, cfg, dtype=dtype, device=device, world_size=world, on_log=on_log)
-        metrics["epoch"] = epoch + 1
-        metrics["num_nodes"] = num_nodes
-        metrics["global_step"] = int(engine.global_steps)
-        is_last = epoch + 1 == cfg.optim.epochs
-        ev = cfg.eval.every_epochs
-        if is_last or (ev and (epoch + 1) % ev == 0):
-            engine.eval()
-            res = evaluation.evaluate(lambda x: engine(x), cfg, embed_dim=cfg.model.embed_dim, rank=rank,
-                                      world_size=world, device=device, dtype=dtype)
-            if res is not None:
-                last_eval = res
-                metrics.update({k: v for k, v in res.items() if not k.endswith("cmc")})
-        # Best-so-far decided on rank 0 and shared, so every rank agrees whether to export.
-        flag = torch.zeros(1, device=device)
-        if rank == 0 and cfg.checkpoint.best_metric in metrics:
-            value = metrics[cfg.checkpoint.best_metric]
-            if best is None or value > best:
-                best = value
-                flag += 1
-        if world > 1:
-            dist.broadcast(flag, 0)
-        meta.update(epoch=epoch + 1, global_step=int(engine.global_steps), best=best, num_classes=num_classes)
-        if flag.item():
-            state = ckpt_lib.full_state_dict(engine)  # collective under ZeRO-3
-            if rank == 0:
-                ckpt_lib.export_model(state, cfg, f"{run_dir}/best", num_classes=num_classes,
-                                      metrics={k: v for k, v in metrics.items() if isinstance(v, float)})
-        if tracker is not None:
-            tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, epoch + 1)
-            for k, v in metrics.items():
-                if k in CURVES:
-                    history.setdefault(CURVES[k], []).append((epoch + 1, v))
-        report_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        report_metrics["mlflow_run_id"] = meta["mlflow_run_id"] or ""
-        if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or is_last:
-            # A fresh dir per report: with ASYNC upload Ray deletes it once persisted.
-            d = tempfile.mkdtemp(prefix=f"sta-ckpt-e{epoch + 1:04d}-r{rank}-")
-            ckpt_lib.save(engine, d, rank=rank, cfg=cfg, meta=meta)
-            ray.train.report(report_metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}",
-                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
-            _maybe_inject_failure(cfg, epoch + 1, restored, rank, world)
-        else:
-            ray.train.report(report_metrics)
+
+    def make_loader(epoch: int):
+        return train_loader(cfg.data.shards, clip_len=cfg.data.clip_len, p=cfg.data.p, k=cfg.data.k,
+                            height=cfg.data.height, width=cfg.data.width, batches_per_epoch=steps,
+                            epoch=epoch, seed=cfg.seed, rank=rank, world_size=world,
+                            num_workers=cfg.data.num_workers, hflip=cfg.data.hflip,
+                            random_erasing=cfg.data.random_erasing, pin_memory=device.type == "cuda",
+                            prefetch_factor=cfg.data.prefetch_factor, normalize=False)
+
+    # Each epoch's loader starts during the previous epoch's last step (epoch_batches).
+    with contextlib.closing(epoch_batches(make_loader, start_epoch, cfg.optim.epochs)) as epochs:
+        for epoch, batches in epochs:
+            metrics = run_epoch(engine, batches, cfg, dtype=dtype, device=device, world_size=world,
+                                on_log=on_log)
+            metrics["epoch"] = epoch + 1
+            metrics["num_nodes"] = num_nodes
+            metrics["global_step"] = int(engine.global_steps)
+            is_last = epoch + 1 == cfg.optim.epochs
+            ev = cfg.eval.every_epochs
+            if is_last or (ev and (epoch + 1) % ev == 0):
+                engine.eval()
+                res = evaluation.evaluate(lambda x: engine(x), cfg, embed_dim=cfg.model.embed_dim, rank=rank,
+                                          world_size=world, device=device, dtype=dtype)
+                if res is not None:
+                    last_eval = res
+                    metrics.update({k: v for k, v in res.items() if not k.endswith("cmc")})
+            # Best-so-far decided on rank 0 and shared, so every rank agrees whether to export.
+            flag = torch.zeros(1, device=device)
+            if rank == 0 and cfg.checkpoint.best_metric in metrics:
+                value = metrics[cfg.checkpoint.best_metric]
+                if best is None or value > best:
+                    best = value
+                    flag += 1
+            if world > 1:
+                dist.broadcast(flag, 0)
+            meta.update(epoch=epoch + 1, global_step=int(engine.global_steps), best=best, num_classes=num_classes)
+            if flag.item():
+                state = ckpt_lib.full_state_dict(engine)  # collective under ZeRO-3
+                if rank == 0:
+                    ckpt_lib.export_model(state, cfg, f"{run_dir}/best", num_classes=num_classes,
+                                          metrics={k: v for k, v in metrics.items() if isinstance(v, float)})
+            if tracker is not None:
+                tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, epoch + 1)
+                for k, v in metrics.items():
+                    if k in CURVES:
+                        history.setdefault(CURVES[k], []).append((epoch + 1, v))
+            report_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            report_metrics["mlflow_run_id"] = meta["mlflow_run_id"] or ""
+            if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or is_last:
+                # A fresh dir per report: with ASYNC upload Ray deletes it once persisted.
+                d = tempfile.mkdtemp(prefix=f"sta-ckpt-e{epoch + 1:04d}-r{rank}-")
+                ckpt_lib.save(engine, d, rank=rank, cfg=cfg, meta=meta)
+                ray.train.report(report_metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}",
+                                 checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+                _maybe_inject_failure(cfg, epoch + 1, restored, rank, world)
+            else:
+                ray.train.report(report_metrics)
 
     # Final artefacts: exported model (all ranks join the gather under ZeRO-3), figures, MLflow model.
     state = ckpt_lib.full_state_dict(engine)
