@@ -11,7 +11,8 @@ torch.compile from the flags), STA with a ResNet-50 trunk at 256x128, N=4, P=16 
 * (b) ``real``: ``pipeline.stream.train_loader`` over shards packed by ``pipeline.pack`` from a
   ``pipeline.synthetic`` data set (JPEGs at the training size; generated and packed once under
   ``--data``), ``--num-workers`` loader processes, pinned uint8 batches normalised on the device
-  by ``pipeline.transforms.model_input``: what a Ray worker runs per step. The warm-up steps
+  by ``pipeline.transforms.model_input``: what a Ray worker runs per step (``--decode device``:
+  the loader ships JPEGs and the training process decodes them on the device). The warm-up steps
   absorb the loader's start-up and initial pool read (training overlaps those with the previous
   epoch, see ``pipeline.worker.epoch_batches``), so this is the steady state.
 
@@ -126,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--num-workers", type=int, default=6, help="loader processes (configs/mars.yaml: 6)")
     ap.add_argument("--prefetch-factor", type=int, default=4)
+    ap.add_argument("--decode", default="loader", choices=("loader", "device"),
+                    help="train_loader(decode=...): JPEGs decoded in the loader processes or on the device")
     ap.add_argument("--ids", type=int, default=128, help="identities of the synthetic data set")
     ap.add_argument("--shard-mb", type=float, default=16.0)
     ap.add_argument("--data", default=os.path.join(ROOT, "bench", "results", "gpu_step_data"),
@@ -192,7 +195,8 @@ def main(argv=None) -> int:
         runs["synthetic"].append(timed_steps(engine, cycle(synthetic), cfg, dtype, device, a.warmup, a.steps))
         loader = train_loader(shards, clip_len=N, p=a.p, k=a.k, height=H, width=W, batches_per_epoch=per_epoch,
                               epoch=r, seed=0, num_workers=a.num_workers, pin_memory=device.type == "cuda",
-                              prefetch_factor=a.prefetch_factor, normalize=False)
+                              prefetch_factor=a.prefetch_factor, normalize=False, decode=a.decode,
+                              device=device if a.decode == "device" else None)
         batches = iter(loader)
         runs["real"].append(timed_steps(engine, batches, cfg, dtype, device, a.warmup, a.steps))
         for _ in batches:  # drain: the loader's workers exit
@@ -216,6 +220,7 @@ def main(argv=None) -> int:
                   "params": n_params, "precision": precision, "channels_last": a.channels_last,
                   "compile": a.compile, "compile_mode": a.compile_mode if a.compile else None,
                   "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "num_workers": a.num_workers,
+                  "decode": a.decode,
                   "prefetch_factor": a.prefetch_factor, "shards": shards},
         "flops_per_step": flops, "peak_tflops": a.peak_tflops, "compile_s": t_compile,
         "synthetic": result["synthetic"], "real": result["real"],

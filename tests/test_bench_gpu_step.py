@@ -13,12 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = str(ROOT / "bench" / "gpu_step.py")
 
 
-def test_cpu_smoke_run_writes_json(tmp_path):
+@pytest.mark.parametrize("decode", ["loader", "device"])
+def test_cpu_smoke_run_writes_json(tmp_path, decode):
     out = tmp_path / "gpu_step.json"
     cmd = [sys.executable, BENCH, "--device", "cpu", "--trunk", "tiny", "--height", "64", "--width", "32",
            "--p", "4", "--k", "2", "--precision", "fp32", "--steps", "2", "--warmup", "1", "--repeats", "2",
            "--num-workers", "1", "--ids", "8", "--peak-tflops", "0.5", "--channels-last", "--threads", "1",
-           "--data", str(tmp_path / "data"), "--json", str(out)]
+           "--decode", decode, "--data", str(tmp_path / "data"), "--json", str(out)]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -26,6 +27,7 @@ def test_cpu_smoke_run_writes_json(tmp_path):
     r = json.loads(out.read_text())
     s = r["setup"]
     assert (s["batch_clips"], s["frames_per_step"], s["precision"], s["channels_last"]) == (8, 32, "fp32", True)
+    assert s["decode"] == decode
     assert r["flops_per_step"] > 1e8 and r["peak_tflops"] == 0.5
     for mode in ("synthetic", "real"):
         m = r[mode]
