@@ -60,6 +60,9 @@ class DataConfig:
     prefetch_factor: int = 2
     hflip: bool = True
     random_erasing: float = 0.0
+    # where JPEGs are decoded: "loader" (DataLoader workers, libjpeg-turbo) or "device" (workers ship
+    # the sampled JPEGs; the training process decodes on its device: nvJPEG on a GPU, needs torchvision)
+    decode: str = "loader"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -351,6 +354,7 @@ def validate(cfg: Config) -> Config:
     need(d.batches_per_epoch >= 0, "data.batches_per_epoch", "must be >= 0 (0 = derived)")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(0.0 <= d.random_erasing <= 1.0, "data.random_erasing", "is a probability in [0, 1]")
+    need(d.decode in ("loader", "device"), "data.decode", f"must be 'loader' or 'device', got {d.decode!r}")
     s = d.synthetic
     need(s.num_ids >= 2 and s.num_test_ids >= 2, "data.synthetic.num_ids", "need >= 2 train and test ids")
     need(1 <= s.min_frames <= s.max_frames, "data.synthetic.min_frames", "need 1 <= min_frames <= max_frames")

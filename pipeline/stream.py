@@ -506,7 +506,8 @@ class _Normalized:
     """Iterable over a DataLoader of uint8 ``(B, N, H, W, 3)`` batches that hands out float32
     ``(B, N, 3, H, W)`` normalised clips: workers ship 4x fewer bytes, and the conversion is
     one vectorised pass in the consumer (or, with ``normalize=False``, on the GPU via
-    ``normalize_clips``)."""
+    ``normalize_clips``). ``iter()`` starts the DataLoader, i.e. forks its workers, which begin
+    reading shards at once (training starts the next epoch's iterator before this one ends)."""
 
     def __init__(self, loader: DataLoader, mean, std, normalize: bool, pin: bool, decode=None):
         self.loader, self.mean, self.std, self.normalize, self.pin = loader, mean, std, normalize, pin
@@ -515,23 +516,47 @@ class _Normalized:
     def __len__(self):
         return len(self.loader)
 
+    def __iter__(self) -> "_Batches":
+        return _Batches(self, iter(self.loader))
+
+    def convert(self, b: dict) -> dict:
+        if "jpegs" in b:
+            clips, replaced = decode_clips(np.require(b.pop("jpegs"), requirements="W"), b.pop("offsets"),
+                                           b.pop("flips"), b.pop("erase"), pids=b["pids"], **self.decode)
+            b = {"clips": clips, **b, "skipped": b["skipped"] + replaced}
+            if self.normalize:
+                b["clips"] = normalize_clips(clips, self.mean, self.std)  # on the device
+        for key, v in b.items():  # small id arrays travel pickled, not as shared-memory tensors
+            if isinstance(v, np.ndarray):
+                b[key] = torch.from_numpy(v)
+        if self.normalize and b["clips"].dtype == torch.uint8:
+            u8 = b["clips"]
+            out = torch.empty(u8.shape[:-3] + (3, *u8.shape[-3:-1]), dtype=torch.float32,
+                              pin_memory=self.pin)
+            b["clips"] = normalize_clips(u8, self.mean, self.std, out=out)
+        return b
+
+
+class _Batches:
+    """A running stream: ``dataloader_iter`` is the started DataLoader iterator; ``close()`` stops
+    its worker processes now instead of when the last reference goes."""
+
+    def __init__(self, owner: _Normalized, it):
+        self.owner, self.dataloader_iter = owner, it
+
     def __iter__(self):
-        for b in self.loader:
-            if "jpegs" in b:
-                clips, replaced = decode_clips(np.require(b.pop("jpegs"), requirements="W"), b.pop("offsets"),
-                                               b.pop("flips"), b.pop("erase"), pids=b["pids"], **self.decode)
-                b = {"clips": clips, **b, "skipped": b["skipped"] + replaced}
-                if self.normalize:
-                    b["clips"] = normalize_clips(clips, self.mean, self.std)  # on the device
-            for key, v in b.items():  # small id arrays travel pickled, not as shared-memory tensors
-                if isinstance(v, np.ndarray):
-                    b[key] = torch.from_numpy(v)
-            if self.normalize and b["clips"].dtype == torch.uint8:
-                u8 = b["clips"]
-                out = torch.empty(u8.shape[:-3] + (3, *u8.shape[-3:-1]), dtype=torch.float32,
-                                  pin_memory=self.pin)
-                b["clips"] = normalize_clips(u8, self.mean, self.std, out=out)
-            yield b
+        return self
+
+    def __next__(self) -> dict:
+        return self.owner.convert(next(self.dataloader_iter))
+
+    def __len__(self):
+        return len(self.owner)
+
+    def close(self) -> None:
+        shutdown = getattr(self.dataloader_iter, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _as_is(batch):

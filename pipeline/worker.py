@@ -112,45 +112,19 @@ def run_epoch(engine, batches: Iterable[dict], cfg: Config, *, dtype: torch.dtyp
     return out
 
 
-class _Primed:
-    """Stands in for a DataLoader whose iterator was already started: the first ``iter()`` hands
-    out that iterator, later ones start afresh; everything else is the DataLoader's."""
-
-    def __init__(self, loader: DataLoader, started: Iterator):
-        self._loader, self._started = loader, started
-
-    def __iter__(self):
-        it, self._started = self._started, None
-        return it if it is not None else iter(self._loader)
-
-    def __len__(self):
-        return len(self._loader)
-
-    def __getattr__(self, name):
-        return getattr(self._loader, name)
-
-
 def start_batches(loader: Iterable[dict]) -> tuple[Iterator[dict], Optional[Iterator]]:
-    """``iter(loader)`` with its DataLoader started now: a DataLoader's ``iter()`` forks the worker
-    processes, which begin reading shards at once. The stream's wrapper around its DataLoader
-    (``train_loader``'s result) iterates it lazily, at its own first ``next()``, so the DataLoader
-    iterator is started here and handed to the wrapper, whose per-batch work is unchanged.
-    Returns ``(batches, started)``, ``started`` being the running DataLoader iterator (None for
-    other iterables); ``stop_batches`` shuts both down."""
+    """``iter(loader)``, returning ``(batches, started)``: ``started`` is the running DataLoader
+    iterator (its worker processes forked, reading shards already) or None for other iterables.
+    The stream's loaders start their DataLoader in ``iter()``; ``stop_batches`` stops it."""
+    it = iter(loader)
     if isinstance(loader, DataLoader):
-        it = iter(loader)
         return it, it
-    inner = getattr(loader, "loader", None)
-    if not isinstance(inner, DataLoader):
-        return iter(loader), None
-    started = iter(inner)
-    loader.loader = _Primed(inner, started)
-    return iter(loader), started
+    return it, getattr(it, "dataloader_iter", None)
 
 
 def stop_batches(batches: Iterator, started: Optional[Iterator]) -> None:
     """Stop a started loader's worker processes now (what the DataLoader iterator's ``__del__``
-    does, without waiting for the last reference to go) and close the wrapper's generator."""
+    does, without waiting for the last reference to go)."""
     if hasattr(batches, "close"):
         batches.close()
     if started is not None and hasattr(started, "_shutdown_workers"):
@@ -318,7 +292,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             epoch=epoch, seed=cfg.seed, rank=rank, world_size=world,
                             num_workers=cfg.data.num_workers, hflip=cfg.data.hflip,
                             random_erasing=cfg.data.random_erasing, pin_memory=device.type == "cuda",
-                            prefetch_factor=cfg.data.prefetch_factor, normalize=False)
+                            prefetch_factor=cfg.data.prefetch_factor, normalize=False,
+                            decode=cfg.data.decode, device=device)
 
     # Each epoch's loader starts during the previous epoch's last step (epoch_batches).
     with contextlib.closing(epoch_batches(make_loader, start_epoch, cfg.optim.epochs)) as epochs:

@@ -81,6 +81,7 @@ def test_yaml_float_without_dot(tmp_path):
     (["model.compile_mode=fastest"], "model.compile_mode"),
     (["model.compile=yes please"], "model.compile"),
     (["model.channels_last=1"], "model.channels_last"),
+    (["data.decode=gpu"], "data.decode"),
 ])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:

@@ -113,7 +113,8 @@ def test_fault_injection_restores_from_checkpoint(tiny_shards, tmp_path, ray_shu
     raw, shards = tiny_shards
     summary = main(["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.root={raw}", f"data.shards={shards}",
                     f"checkpoint.storage_path={tmp_path}/runs", f"tracking.uri={uri}", "tracking.run_name=ft",
-                    "optim.epochs=4", "failure.inject_at_epoch=2", "failure.max_failures=1", "checkpoint.keep=4"])
+                    "optim.epochs=4", "failure.inject_at_epoch=2", "failure.max_failures=1", "checkpoint.keep=4",
+                    "data.decode=device"])  # JPEGs decoded by the training process (CPU here)
     assert summary["error"] is None and summary["epochs"] == 4
     client, runs = _mlflow_runs(uri, "sta-tiny")
     assert len(runs) == 1, "the restored attempt must continue the same MLflow run"

@@ -37,7 +37,7 @@ def _alive(started) -> bool:
 
 
 def test_start_batches_forks_workers_before_first_next(shards):
-    """iter() of the stream's loader is lazy; start_batches must not be, and must not change batches."""
+    """start_batches forks the loader processes at once (not at the first next()) and changes no batch."""
     it, started = start_batches(_loader(shards, 0))
     try:
         assert _alive(started), "no DataLoader worker process running after start_batches"
