@@ -28,10 +28,10 @@ def test_paper_recipe_in_mars_config():
 def test_speed_knobs_defaults_and_gpu_recipes():
     cfg = load_config(None)
     assert (cfg.model.channels_last, cfg.model.compile, cfg.model.compile_mode) == (False, False, "default")
-    assert (cfg.deepspeed.reduce_bucket_size, cfg.deepspeed.allgather_bucket_size) == (5e6, 5e7)
+    assert (cfg.deepspeed.reduce_bucket_size, cfg.deepspeed.allgather_bucket_size) == (5e7, 5e7)
     for name in ("mars", "dukev"):  # the GPU recipes run NHWC
         gpu = load_config(ROOT / "configs" / f"{name}.yaml")
-        assert gpu.scaling.use_gpu and gpu.model.channels_last
+        assert gpu.scaling.use_gpu and gpu.model.channels_last and gpu.deepspeed.reduce_bucket_size == 5e6
     cfg = load_config(None, ["model.compile=true", "model.compile_mode=max-autotune",
                              "deepspeed.reduce_bucket_size=2e6"])
     assert cfg.model.compile and cfg.model.compile_mode == "max-autotune"

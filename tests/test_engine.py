@@ -33,7 +33,7 @@ def test_deepspeed_config_batch_arithmetic():
 def test_deepspeed_config_bucket_sizes():
     zero = deepspeed_config(_cfg(), world_size=2, precision="fp32")["zero_optimization"]
     assert zero["stage"] == 1 and zero["overlap_comm"] is True
-    assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"]) == (5_000_000, 50_000_000)
+    assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"]) == (50_000_000, 50_000_000)
     assert isinstance(zero["reduce_bucket_size"], int) and isinstance(zero["allgather_bucket_size"], int)
     cfg = _cfg("deepspeed.reduce_bucket_size=2e6", "deepspeed.allgather_bucket_size=300000000")
     zero = deepspeed_config(cfg, world_size=2, precision="bf16")["zero_optimization"]
