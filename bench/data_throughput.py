@@ -286,6 +286,7 @@ def main(argv=None) -> int:
         if name in summary:
             ratios[f"{name}_vs_per_file"] = per_repeat(name, "per_file")
             ratios[f"{name}_vs_raw_decode"] = per_repeat(name, "raw_decode")
+            ratios[f"{name}_vs_raw_decode_pil"] = per_repeat(name, "raw_decode_pil")
             # from the first batch on: worker start-up and the initial pool read excluded (training
             # starts the next epoch's loader before the current one ends, so it does not wait on them)
             r = [x["steady_frames_per_s"] / y["frames_per_s"] for x, y in zip(results[name], results["raw_decode"])]
