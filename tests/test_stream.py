@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import tarfile
 import time
 from collections import Counter, defaultdict
@@ -679,3 +680,52 @@ def test_train_device_decode_bad_frames(tmp_path):
     pid1 = np.flatnonzero(b["pids"].numpy() == 1)
     # tracklet 2 (pid 1) was replaced by its identity's other clip in the batch
     assert torch.equal(b["clips"][pid1[0]], b["clips"][pid1[1]])
+
+
+# --------------------------------------------------------------------------- batch buffer reuse
+def _shm_inode(t: torch.Tensor) -> int:
+    """The shared-memory file behind a batch received from a loader process (tmpfs numbers
+    inodes from an increasing counter, so a repeated number is the same file)."""
+    fd, _ = t.untyped_storage()._share_fd_cpu_()
+    return os.fstat(fd).st_ino
+
+
+def test_batch_buffers_reused_once_released_never_while_held(train_dir):
+    url, _ = train_dir
+    kw = dict(batches_per_epoch=12, normalize=False, random_erasing=0.3, num_workers=1)
+    inodes = []
+    for b in _loader_iter(url, **kw):
+        inodes.append(_shm_inode(b["clips"]))
+        del b  # released: the loader process may refill its buffer
+    assert len(set(inodes)) <= 5 < len(inodes)  # at most prefetch_factor + 3 buffers
+    kept = _run_train(url, **kw)  # every batch held: never refilled, a buffer each
+    assert len({_shm_inode(b["clips"]) for b in kept}) == 12
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_held_batches_and_views_survive_buffer_reuse(train_dir, eval_set, tmp_path, num_workers):
+    url, _ = train_dir
+    kw = dict(batches_per_epoch=12, normalize=False, num_workers=num_workers)
+    ref = _run_train(url, **kw)  # all held: no reuse possible
+    views, whole = [], {}
+    for i, b in enumerate(_loader_iter(url, **kw)):
+        views.append(b["clips"][1, 2])  # a view keeps the buffer's storage alive
+        if i % 5 == 0:
+            whole[i] = b
+        del b
+    for i, v in enumerate(views):
+        assert torch.equal(v, ref[i]["clips"][1, 2]), i
+    for i, b in whole.items():
+        assert torch.equal(b["clips"], ref[i]["clips"])
+    # eval batches: clips are views of the worker's buffer
+    eurl = str(tmp_path)
+    _write_dataset(eurl, eval_set, tracklets_per_shard=2)
+    eref = _eval(eurl, "gallery", num_workers=num_workers, clips_per_batch=2)
+    held = [b["clips"][0] for b in eval_loader(eurl, "gallery", clip_len=4, height=H, width=W, mean=(0, 0, 0),
+                                                std=(1, 1, 1), num_workers=num_workers, clips_per_batch=2)]
+    assert len(held) == len(eref) and all(torch.equal(h, r["clips"][0]) for h, r in zip(held, eref))
+
+
+def _loader_iter(url, **kw):
+    kw = {**TRAIN_KW, "p": 3, "k": 2, "batches_per_epoch": 4, "epoch": 0, "num_workers": 0, **kw}
+    return iter(train_loader(url, **kw))
