@@ -314,14 +314,21 @@ def _make_sample(key: str, members: dict, where: str) -> tuple[dict, list[bytes]
     return meta, [d for _, d in frames]
 
 
-def _frame_layout(meta) -> list[int] | None:
+def _frame_layout(meta) -> tuple[list[int], list[int]] | None:
     """The json's ``frame_bytes`` (``pipeline.pack`` writes it) when usable: the frames follow the
-    json as plain ustar members ``<key>.NNN.jpg`` of these sizes, one header block each."""
+    json as plain ustar members ``<key>.NNN.jpg`` of these sizes, one header block each. Returns
+    ``(sizes, ends)``, ``ends[i]`` being where frame i's member ends in the sample's block."""
     sizes = meta.get("frame_bytes") if isinstance(meta, dict) else None
-    if (isinstance(sizes, list) and sizes and len(sizes) == meta.get("n_frames")
-            and all(type(n) is int for n in sizes) and min(sizes) >= 0):
-        return sizes
-    return None
+    if not (isinstance(sizes, list) and sizes and len(sizes) == meta.get("n_frames")):
+        return None
+    try:
+        arr = np.asarray(sizes)
+    except (ValueError, TypeError):
+        return None
+    if arr.dtype.kind not in "iu" or arr.ndim != 1 or arr.min() < 0:  # bools and floats too
+        return None
+    # a plain ustar member: a 512-byte header, then the data padded to 512-byte blocks
+    return sizes, np.cumsum((arr + 1023) // 512 * 512).tolist()
 
 
 class _Frames:
@@ -338,7 +345,7 @@ class _Frames:
         return len(self.sizes)
 
     def _name_ok(self, i: int) -> bool:
-        name = f"{self.key}.{i:03d}.jpg".encode() + b"\0"
+        name = b"%s.%03d.jpg\0" % (self.key.encode(), i)
         off = self.offsets[i]
         return self.block[off:off + len(name)] == name
 
@@ -406,10 +413,9 @@ def iter_samples(shard_url, skips: _Skips | None = None, *, part: int = 0, parts
                     meta = json.loads(bytes(data))
                 except ValueError:
                     continue  # reported by the member-by-member path
-                if (sizes := _frame_layout(meta)) is None:
+                if (layout := _frame_layout(meta)) is None:
                     continue
-                # a plain ustar member: a 512-byte header, then the data padded to 512-byte blocks
-                ends = np.cumsum((np.asarray(sizes) + 1023) // 512 * 512).tolist()
+                sizes, ends = layout
                 n = ends[-1]
                 block = tar.block(n)
                 frames = _Frames(k, block, sizes, [0] + ends[:-1])
