@@ -107,7 +107,7 @@ def build_model_from_config(cfg: Config, num_classes: int) -> torch.nn.Module:
 
     m = cfg.model
     kw: dict[str, Any] = dict(trunk=m.trunk, embed_dim=m.embed_dim, pretrained=m.pretrained,
-                              last_stride=m.last_stride)
+                              last_stride=m.last_stride, channels_last=m.channels_last)
     if m.kind == "sta":
         kw.update(num_blocks=m.num_blocks, fusion=tuple(m.fusion))
     return build_model(m.kind, num_classes, **kw)

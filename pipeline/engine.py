@@ -90,15 +90,14 @@ def build_engine(model: torch.nn.Module, cfg: Config, *, world_size: int, steps_
     """``deepspeed.initialize`` with a config generated from ``cfg``.
 
     Uses the process group Ray Train set up; a single process without one gets a 1-rank group.
-    Also applies the model section's speed knobs: ``channels_last`` (the trunk's input layout;
-    parameters keep their strides, see ``sta_model.model``) and ``compile``.
+    Also applies ``model.compile`` (``model.channels_last`` is the model's own, set when
+    ``pipeline.checkpoint.build_model_from_config`` builds it).
     Returns ``(engine, precision, ds_config)``.
     """
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    model.channels_last = cfg.model.channels_last
     precision = resolve_precision(cfg.deepspeed.precision, cfg.scaling.use_gpu)
     ds_cfg = deepspeed_config(cfg, world_size, precision)
     optimizer = build_optimizer(cfg, param_groups(model, cfg.optim.weight_decay), cfg.scaling.use_gpu)
