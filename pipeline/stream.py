@@ -188,9 +188,9 @@ class _Chunks:
 
 class _TarReader:
     """Streaming tar parser over a file object: ``next()`` returns the next regular file member
-    as ``(name, data)`` or None at the end-of-archive block; ``block(n)`` / ``skip(n)`` consume
-    ``n`` raw bytes (a run of members whose layout the caller already knows) and ``unread`` puts
-    them back when the layout turns out not to be the expected one.
+    as ``(name, data)`` or None at the end-of-archive block; ``block(n)`` consumes ``n`` raw bytes
+    (a run of members whose layout the caller already knows) and ``unread`` puts them back when
+    the layout turns out not to be the expected one.
 
     Handles ustar, GNU long names and pax headers. Raises ``TarError`` on a bad header checksum,
     a member cut short, or a stream that ends without the end-of-archive block (a shard truncated
@@ -296,14 +296,17 @@ def _check_meta(key: str, meta) -> dict:
     return meta
 
 
-def _make_sample(key: str, members: dict, where: str) -> tuple[dict, list[bytes]]:
-    """Validate one tracklet's members -> (meta, frames in order); ValueError says why not."""
+def _make_sample(key: str, members: dict, where: str, meta=None) -> tuple[dict, list[bytes]]:
+    """Validate one tracklet's members -> (meta, frames in order); ValueError says why not.
+    ``meta``: the json member already parsed."""
     if "json" not in members:
         raise ValueError(f"sample {key!r} has no {key}.json")
-    try:
-        meta = json.loads(bytes(members.pop("json")))
-    except ValueError as e:
-        raise ValueError(f"sample {key!r}: bad json ({e})") from None
+    raw = members.pop("json")
+    if meta is None:
+        try:
+            meta = json.loads(bytes(raw))
+        except ValueError as e:
+            raise ValueError(f"sample {key!r}: bad json ({e})") from None
     _check_meta(key, meta)
     frames = sorted((int(m.group(1)), data) for ext, data in members.items()
                     if (m := _FRAME.fullmatch(ext)))
@@ -375,7 +378,7 @@ def iter_samples(shard_url, skips: _Skips | None = None, *, part: int = 0, parts
     sample is counted in ``skips`` by its owner; a truncated or corrupt shard, or one that cannot
     be opened, ends the iteration after counting 1 (by the ``part == 0`` reader only). Without
     ``skips``, errors raise instead."""
-    pos, key, members = 0, None, {}
+    pos, key, members, meta = 0, None, {}, None  # meta: the current sample's json, once parsed
     where = str(shard_url)
 
     def bad(e):
@@ -385,7 +388,7 @@ def iter_samples(shard_url, skips: _Skips | None = None, *, part: int = 0, parts
 
     def finish():
         try:
-            return _make_sample(key, members, where)
+            return _make_sample(key, members, where, meta)
         except ValueError as e:
             bad(e)
             return None
@@ -406,7 +409,7 @@ def iter_samples(shard_url, skips: _Skips | None = None, *, part: int = 0, parts
                     if pos % parts == part and (sample := finish()) is not None:
                         yield (pos, *sample)
                     pos += 1
-                key, members = k, {ext: data}
+                key, members, meta = k, {ext: data}, None
                 if ext != "json":
                     continue
                 try:
@@ -431,7 +434,7 @@ def iter_samples(shard_url, skips: _Skips | None = None, *, part: int = 0, parts
                         bad(e)
                     else:
                         yield pos, meta, frames
-                pos, key, members = pos + 1, None, {}
+                pos, key, members, meta = pos + 1, None, {}, None
             if key is not None and pos % parts == part and (sample := finish()) is not None:
                 yield (pos, *sample)
     except _READ_ERRORS as e:
@@ -517,9 +520,7 @@ class _BatchRing:
     buffers live in shared memory, so the DataLoader passes a handle instead of copying them."""
 
     def __init__(self, flags: torch.Tensor | None, base: int, size: int, shared: bool):
-        # In-process (no worker processes) the consumer's batch *is* the ring's tensor, so its
-        # storage never dies while the ring holds it: no reuse there (malloc recycles the memory).
-        self.flags = flags.numpy() if flags is not None and shared else None
+        self.flags = flags.numpy() if flags is not None else None  # None: no reuse
         self.base, self.size, self.shared = base, size, shared
         self.bufs: list[torch.Tensor] = []
 
@@ -617,12 +618,13 @@ def _make_loader(ds, num_workers, pin_memory, prefetch_factor, mean, std, normal
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     pin = bool(pin_memory) and torch.cuda.is_available()
-    # batch buffers each worker may reuse: those in flight (prefetch) + the one being filled + two
-    # the consumer may hold (the current batch and one it fetched ahead)
-    ds.ring_size = (prefetch_factor if num_workers > 0 else 0) + 3
-    ds.flags = torch.zeros(max(1, num_workers) * ds.ring_size, dtype=torch.int32)
     if num_workers > 0:
-        ds.flags.share_memory_()
+        # batch buffers each worker may reuse: those in flight (prefetch) + the one being filled +
+        # two the consumer may hold (the current batch and one it fetched ahead). None in-process:
+        # there the consumer's batch *is* the ring's tensor, so its storage never dies while the
+        # ring holds it (malloc recycles that memory instead).
+        ds.ring_size = prefetch_factor + 3
+        ds.flags = torch.zeros(num_workers * ds.ring_size, dtype=torch.int32).share_memory_()
     loader = DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
                         pin_memory=pin and not normalize,
                         prefetch_factor=prefetch_factor if num_workers > 0 else None,
@@ -826,9 +828,10 @@ def train_loader(url, *, clip_len: int, p: int, k: int, height: int, width: int,
         raise ValueError(f"{url}: {num_ids} training identities, fewer than P={p}")
     if not tr["shards"]:
         raise ValueError(f"{url}: no training shards")
+    shards = _shard_urls(url, tr)
     fn = functools.partial(
-        _train_worker, shards=_shard_urls(url, tr), num_ids=num_ids,
-        shard_ids={u: frozenset(s.get("identities") or ()) for u, s in zip(_shard_urls(url, tr), tr["shards"])},
+        _train_worker, shards=shards, num_ids=num_ids,
+        shard_ids={u: frozenset(s.get("identities") or ()) for u, s in zip(shards, tr["shards"])},
         num_classes=int(man.get("num_classes") or num_ids), clip_len=clip_len, p=p, k=k,
         height=height, width=width, batches_per_epoch=batches_per_epoch, epoch=epoch, seed=seed,
         rank=rank, world_size=world_size, hflip=hflip, random_erasing=random_erasing,

@@ -46,6 +46,15 @@ def eval_clip_indices(n_frames: int, clip_len: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- decoding
+def check_jpeg(data) -> tuple[int, int, str, str]:
+    """The JPEG header ``(height, width, colorspace, subsampling)``; ``ValueError`` unless the data
+    starts with a parseable one (about 1 us; truncated data is only found when decoding). Also the
+    loader's check of frames it ships undecoded (``decode="device"``)."""
+    if bytes(data[:2]) != b"\xff\xd8":
+        raise ValueError("not a JPEG")
+    return simplejpeg.decode_jpeg_header(data)
+
+
 def _pil_decode(data, height: int, width: int) -> np.ndarray:
     """PIL decode + bilinear resize to ``(height, width, 3)`` uint8 (non-JPEG and odd JPEGs)."""
     im = Image.open(io.BytesIO(data))
@@ -74,9 +83,7 @@ def decode_into(data, out: np.ndarray, flip: bool = False) -> np.ndarray:
     Raises ``OSError``/``ValueError`` on undecodable or truncated data. Returns ``out``."""
     height, width = out.shape[:2]
     try:
-        if bytes(data[:2]) != b"\xff\xd8":
-            raise ValueError("not a JPEG")
-        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        h, w, colorspace, _ = check_jpeg(data)
         if colorspace in ("CMYK", "YCCK"):
             raise ValueError("CMYK: PIL handles Adobe's inverted CMYK")
         if (h, w) == (height, width):
@@ -153,12 +160,6 @@ def model_input(clips: torch.Tensor, device: torch.device, dtype: torch.dtype, m
 
 
 # --------------------------------------------------------------------------- decoding on the consumer
-def check_jpeg(data) -> None:
-    """Cheap validation of a frame the loader ships undecoded: ``ValueError`` unless it starts
-    with a parseable JPEG header (about 1 us; truncated data is only found when decoding)."""
-    if bytes(data[:2]) != b"\xff\xd8":
-        raise ValueError("not a JPEG")
-    simplejpeg.decode_jpeg_header(data)
 
 
 def _nvjpeg(device: torch.device):
@@ -202,10 +203,6 @@ def decode_clips(jpegs: np.ndarray, offsets: np.ndarray, flips: np.ndarray, eras
                 decode_into(jpegs[offsets[i]:offsets[i + 1]], arr[c, n], bool(flips[c]))
             except (OSError, ValueError, SyntaxError):
                 bad.add(c)
-        for c in np.flatnonzero(erase[:, 2]):
-            y, x, h, w = (int(v) for v in erase[c])
-            out[c, :, y:y + h, x:x + w] = fill
-        chw = None
     else:
         decode_many = decode_many or _nvjpeg(device)
         buf = torch.from_numpy(jpegs)
@@ -228,16 +225,16 @@ def decode_clips(jpegs: np.ndarray, offsets: np.ndarray, flips: np.ndarray, eras
         chw = torch.stack(imgs).view(b, clip_len, 3, height, width)
         flip_t = torch.as_tensor(np.asarray(flips, dtype=bool)).to(device)
         chw = torch.where(flip_t.view(b, 1, 1, 1, 1), chw.flip(-1), chw)
-        fill_d = fill.to(device).view(3, 1, 1)
-        for c in np.flatnonzero(erase[:, 2]):
-            y, x, h, w = (int(v) for v in erase[c])
-            chw[c, :, :, y:y + h, x:x + w] = fill_d
         out = chw.permute(0, 1, 3, 4, 2)
+    fill = fill.to(out.device)
+    for c in np.flatnonzero(erase[:, 2]):  # after the flip, as the loader does
+        y, x, h, w = (int(v) for v in erase[c])
+        out[c, :, y:y + h, x:x + w] = fill
     pids = np.asarray(pids)
     for c in sorted(bad):
         donors = [d for d in np.flatnonzero(pids == pids[c]) if d not in bad]
         if donors:
             out[c] = out[donors[0]]
         else:
-            out[c] = fill.to(out.device)
+            out[c] = fill
     return out, len(bad)

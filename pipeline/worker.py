@@ -122,13 +122,13 @@ def start_batches(loader: Iterable[dict]) -> tuple[Iterator[dict], Optional[Iter
     return it, getattr(it, "dataloader_iter", None)
 
 
-def stop_batches(batches: Iterator, started: Optional[Iterator]) -> None:
+def stop_batches(batches: Iterator) -> None:
     """Stop a started loader's worker processes now (what the DataLoader iterator's ``__del__``
-    does, without waiting for the last reference to go)."""
-    if hasattr(batches, "close"):
-        batches.close()
-    if started is not None and hasattr(started, "_shutdown_workers"):
-        started._shutdown_workers()
+    does, without waiting for the last reference to go): the stream's iterators and generators
+    have ``close()``, a DataLoader's own iterator ``_shutdown_workers()``."""
+    stop = getattr(batches, "close", None) or getattr(batches, "_shutdown_workers", None)
+    if stop is not None:
+        stop()
 
 
 def epoch_batches(make_loader: Callable[[int], Iterable[dict]], start_epoch: int, end_epoch: int, *,
@@ -142,7 +142,7 @@ def epoch_batches(make_loader: Callable[[int], Iterable[dict]], start_epoch: int
     ``end_epoch``. Close the generator (``contextlib.closing``) to stop loaders started ahead or
     in use, e.g. on an exception. ``on_start(epoch, started)`` is called for every start, with
     the running DataLoader iterator (None if the loader has none)."""
-    ahead: dict[int, tuple[Iterator, Optional[Iterator], Optional[int]]] = {}
+    ahead: dict[int, tuple[Iterator, Optional[int]]] = {}
 
     def start(epoch: int) -> None:
         loader = make_loader(epoch)
@@ -151,7 +151,7 @@ def epoch_batches(make_loader: Callable[[int], Iterable[dict]], start_epoch: int
         except TypeError:
             n = None
         it, started = start_batches(loader)
-        ahead[epoch] = (it, started, n)
+        ahead[epoch] = (it, n)
         if on_start is not None:
             on_start(epoch, started)
 
@@ -162,7 +162,7 @@ def epoch_batches(make_loader: Callable[[int], Iterable[dict]], start_epoch: int
             except Exception as exc:  # e.g. a storage hiccup: the epoch's own start retries it
                 log.warning("could not start epoch %d's loader ahead: %s", epoch, exc)
 
-    def batches(epoch: int, it: Iterator, started: Optional[Iterator], n: Optional[int]) -> Iterator[dict]:
+    def batches(epoch: int, it: Iterator, n: Optional[int]) -> Iterator[dict]:
         handed = 0
         try:
             for batch in it:
@@ -172,7 +172,7 @@ def epoch_batches(make_loader: Callable[[int], Iterable[dict]], start_epoch: int
                 yield batch
             start_ahead(epoch + 1)  # no len(), or fewer batches than it said
         finally:
-            stop_batches(it, started)
+            stop_batches(it)
 
     current: Optional[Iterator] = None
     try:
@@ -184,8 +184,8 @@ def epoch_batches(make_loader: Callable[[int], Iterable[dict]], start_epoch: int
     finally:
         if current is not None:
             current.close()
-        for it, started, _ in ahead.values():
-            stop_batches(it, started)
+        for it, _ in ahead.values():
+            stop_batches(it)
         ahead.clear()
 
 

@@ -46,7 +46,7 @@ def test_start_batches_forks_workers_before_first_next(shards):
         for a, b in zip(got, want):
             assert torch.equal(a["clips"], b["clips"]) and torch.equal(a["pids"], b["pids"])
     finally:
-        stop_batches(it, started)
+        stop_batches(it)
     assert not _alive(started)
 
 
