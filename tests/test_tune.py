@@ -158,6 +158,10 @@ def test_search_asha_mlflow_best_config_and_restore(tmp_path, ray_cleanup):
     assert time.perf_counter() - t < first_seconds / 2
 
 
+def log_tail(path: Path, lines: int = 80) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
 @pytest.mark.slow
 def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, ray_cleanup):
     """Ctrl-C (SIGINT) a running search after its first trial finished, then ``--resume`` it."""
@@ -177,23 +181,36 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
     cfg_path = tmp_path / "t.yaml"
     cfg_path.write_text(yaml.safe_dump(raw_yaml))
     exp = tmp_path / "tune" / "search"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.tune", "--config", str(cfg_path)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log_path = tmp_path / "tune.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.tune", "--config", str(cfg_path)], cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         # One trial at a time: the second trial's directory appears once the first has finished.
+        # Tune writes trial files in a local staging dir and syncs them to storage_path in the
+        # background, so wait for the synced copy of the first trial's last result too: a dir can
+        # be there before its result.json is (a copy under way when the search is cut).
+        def first_trial_last_result():
+            dirs = sorted(exp.glob("sta_trial_*"))
+            if len(dirs) < 2 or not (dirs[0] / "result.json").exists():
+                return None
+            lines = (dirs[0] / "result.json").read_text().splitlines()
+            try:
+                last = json.loads(lines[-1]) if lines else None
+            except json.JSONDecodeError:  # a line still being copied
+                return None
+            return last if last and last["training_iteration"] == 4 else None
+
         deadline = time.time() + 200
-        while time.time() < deadline and len(list(exp.glob("sta_trial_*"))) < 2:
+        while time.time() < deadline and (last := first_trial_last_result()) is None:
             time.sleep(1.0)
-        trial_dirs = sorted(exp.glob("sta_trial_*"))
-        assert len(trial_dirs) == 2, "the first trial did not finish in time"
+        assert last is not None, f"the first trial did not finish in time:\n{log_tail(log_path)}"
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=90)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    last = json.loads((trial_dirs[0] / "result.json").read_text().splitlines()[-1])
-    assert last["training_iteration"] == 4
     finished_id = last["trial_id"]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
