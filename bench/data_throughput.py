@@ -4,9 +4,12 @@ Data: a synthetic dataset (``pipeline.synthetic``, DukeV layout, JPEG frames) pa
 with ``pipeline.pack``. Cases, all with the same clip sampling (restricted random, N frames),
 clip-consistent flip, resize to the target size and ImageNet normalisation, P x K batches:
 
-* ``stream_local`` -- ``pipeline.stream.train_loader`` over local shards;
+* ``stream_local`` -- ``pipeline.stream.train_loader`` over local shards, ``persistent=True`` as
+  training uses it (``pipeline.worker.epoch_batches``): one loader whose worker process is forked
+  once and serves each repeat's epoch (its first epoch, with the fork, is reported apart);
 * ``stream_local_u8`` -- the same with ``normalize=False``: uint8 clips, normalisation left to
   the GPU (``normalize_clips`` after ``.to(device)``), the intended training setup;
+* ``stream_local_u8_fresh`` -- ``stream_local_u8`` with a new loader (a fork) every epoch;
 * ``stream_local_jpeg`` -- ``decode="device"`` with device ``cpu``: the worker ships the sampled
   JPEGs, the main process decodes them (libjpeg-turbo) into the batch; on a GPU this decode is
   nvJPEG's. Same output as ``stream_local_u8``;
@@ -25,8 +28,10 @@ clip-consistent flip, resize to the target size and ImageNet normalisation, P x 
 main process only receives batches (and, for the float32 stream, converts the uint8 clips the
 worker ships into normalised float32: that conversion overlaps with the worker's decoding).
 Throughput = frames delivered / wall time from ``iter(loader)`` to the last batch: worker start-up
-and the stream's initial pool read (4P identities before the first batch) are included, since
-every tracklet read is used (``steady_s``, from the first batch on, is kept in the JSON too).
+(fresh loaders) and the stream's initial pool read (4P identities before the first batch) are
+included, since every tracklet read is used (``steady_s``, from the first batch on, is kept in the
+JSON too). CPU time: this process, plus its loader processes (live ones via /proc, reaped ones
+via ``RUSAGE_CHILDREN``).
 The default data set (128 identities x 4 tracklets, P=8, K=4) makes one pass over the identities
 exactly the default 16 batches: one epoch as in real training (MARS: 625 ids / P=16), where each
 epoch starts a new loader; with few identities per P the pool would hold nearly all of them and
@@ -38,6 +43,7 @@ ratios are taken per repeat and reported as min/median/max. On a shared machine 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import io
 import json
@@ -51,6 +57,7 @@ import time
 from collections import defaultdict
 
 import numpy as np
+import psutil
 import simplejpeg
 import torch
 from PIL import Image
@@ -131,16 +138,35 @@ class RandomIdentitySampler(Sampler):
 
 
 # --------------------------------------------------------------------------- timing
-def _cpu_s() -> float:
-    """CPU seconds of this process plus its reaped children (the loader workers, once joined)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+def _self_cpu() -> float:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return me.ru_utime + me.ru_stime
 
 
-def _time_loader(make, n_batches):
-    c0 = _cpu_s()
+def _kids_cpu() -> tuple[float, dict]:
+    """CPU seconds of this process's reaped children, and of each live child process."""
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    live = {}
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            live[child.pid] = sum(child.cpu_times()[:2])
+    return kids.ru_utime + kids.ru_stime, live
+
+
+def _kids_cpu_since(start: tuple[float, dict]) -> float:
+    """CPU seconds the children used since ``start``: a child live at both ends counts its
+    delta; one reaped meanwhile is in RUSAGE_CHILDREN whole, less what it had at ``start``."""
+    (c0, live0), (c1, live1) = start, _kids_cpu()
+    return c1 - c0 + sum(live1.values()) - sum(live0.values())
+
+
+def _time_loader(loader, n_batches):
+    # CPU: this process from iter() to the last batch (not the measuring code's gc.collect and
+    # /proc reads), its loader processes from before iter() to after they were joined
+    k0 = _kids_cpu()
+    c0 = _self_cpu()
     t0 = time.perf_counter()
-    it = iter(make())
+    it = iter(loader)
     first = next(it)
     t1 = time.perf_counter()
     n = 0
@@ -151,11 +177,12 @@ def _time_loader(make, n_batches):
             skipped += int(b["skipped"])
     t2 = time.perf_counter()
     del it, first, b
+    main_cpu = _self_cpu() - c0
     gc.collect()  # exhausted DataLoader iterators join their workers: their CPU time is now counted
-    cpu = _cpu_s() - c0
+    loader_cpu = _kids_cpu_since(k0)
     assert n == n_batches - 1, (n, n_batches)
-    return {"steady_s": t2 - t1, "total_s": t2 - t0, "cpu_s": cpu, "batches": n, "skipped": skipped}
-
+    return {"steady_s": t2 - t1, "total_s": t2 - t0, "cpu_s": main_cpu + loader_cpu, "main_cpu_s": main_cpu,
+            "loader_cpu_s": loader_cpu, "batches": n, "skipped": skipped}
 
 
 def main(argv=None) -> int:
@@ -205,11 +232,15 @@ def main(argv=None) -> int:
 
     common = dict(clip_len=N, p=P, k=K, height=H, width=W, batches_per_epoch=B, seed=0,
                   num_workers=nw, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    # persistent stream loaders: made once (epoch 0, timed as "first_epoch"), then one epoch a repeat
+    persistent = {
+        "stream_local": lambda: train_loader(shards_url, epoch=0, persistent=True, **common),
+        "stream_local_u8": lambda: train_loader(shards_url, epoch=0, normalize=False, persistent=True, **common),
+        "stream_local_jpeg": lambda: train_loader(shards_url, epoch=0, normalize=False, decode="device",
+                                                  device="cpu", persistent=True, **common),
+    }
     cases = {
-        "stream_local": lambda r: train_loader(shards_url, epoch=r, **common),
-        "stream_local_u8": lambda r: train_loader(shards_url, epoch=r, normalize=False, **common),
-        "stream_local_jpeg": lambda r: train_loader(shards_url, epoch=r, normalize=False, decode="device",
-                                                    device="cpu", **common),
+        "stream_local_u8_fresh": lambda r: train_loader(shards_url, epoch=r + 1, normalize=False, **common),
         "per_file": lambda r: DataLoader(
             PerFileClips(train, N, H, W, IMAGENET_MEAN, IMAGENET_STD), batch_size=P * K,
             sampler=RandomIdentitySampler(train, P, K, B, seed=r), num_workers=nw, drop_last=True),
@@ -225,7 +256,7 @@ def main(argv=None) -> int:
                           AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
         storage.client().create_bucket(Bucket="bench")
         storage.upload_dir(shards_url, "s3://bench/shards")
-        cases["stream_s3"] = lambda r: train_loader("s3://bench/shards", epoch=r, **common)
+        persistent["stream_s3"] = lambda: train_loader("s3://bench/shards", epoch=0, persistent=True, **common)
 
     # raw decode of the same frames: train frames from memory, one process, tight loop, as many
     # frames as a loader case delivers; measured before and after the loader cases of each
@@ -243,17 +274,27 @@ def main(argv=None) -> int:
         return time.perf_counter() - t, time.process_time() - c
 
     results = defaultdict(list)
+
+    def record(name, res):
+        clips = res["batches"] * P * K
+        total = (res["batches"] + 1) * P * K
+        results[name].append({**res, "clips_per_s": total / res["total_s"],
+                              "frames_per_s": total * N / res["total_s"],
+                              "frames_per_cpu_s": total * N / res["cpu_s"],
+                              "steady_frames_per_s": clips * N / res["steady_s"]})
+
+    loaders = {}
+    first_epoch = {}
     try:
+        for name, make in persistent.items():  # epoch 0: the fork and first buffers
+            loaders[name] = make()
+            first_epoch[name] = _time_loader(loaders[name], B)
         for r in range(a.repeats):
             before = {name: raw(decode) for name, decode in raw_cases.items()}
+            for name, loader in loaders.items():
+                record(name, _time_loader(loader, B))
             for name, make in cases.items():
-                res = _time_loader(lambda: make(r), B)
-                clips = res["batches"] * P * K
-                total = (res["batches"] + 1) * P * K
-                results[name].append({**res, "clips_per_s": total / res["total_s"],
-                                      "frames_per_s": total * N / res["total_s"],
-                                      "frames_per_cpu_s": total * N / res["cpu_s"],
-                                      "steady_frames_per_s": clips * N / res["steady_s"]})
+                record(name, _time_loader(make(r), B))
             for name, decode in raw_cases.items():
                 (t0, c0), (t1, c1) = before[name], raw(decode)
                 n = len(sample)
@@ -261,6 +302,8 @@ def main(argv=None) -> int:
                                       "clips_per_s": 2 * n / (t0 + t1) / N,
                                       "before_after_frames_per_s": [n / t0, n / t1]})
     finally:
+        for loader in loaders.values():
+            loader.close()
         if server is not None:
             server.stop()
 
@@ -282,7 +325,7 @@ def main(argv=None) -> int:
     # Wall-clock ratios, and CPU-time ratios (frames per CPU-second of loader worker + main
     # process vs. of the decode loop): the per-core efficiency, much less sensitive to other load.
     ratios = {}
-    for name in ("stream_local", "stream_local_u8", "stream_local_jpeg", "stream_s3"):
+    for name in ("stream_local", "stream_local_u8", "stream_local_u8_fresh", "stream_local_jpeg", "stream_s3"):
         if name in summary:
             ratios[f"{name}_vs_per_file"] = per_repeat(name, "per_file")
             ratios[f"{name}_vs_raw_decode"] = per_repeat(name, "raw_decode")
@@ -294,6 +337,12 @@ def main(argv=None) -> int:
                                                       "max": max(r), "runs": r}
             ratios[f"{name}_vs_per_file_cpu"] = per_repeat(name, "per_file", "frames_per_cpu_s")
             ratios[f"{name}_vs_raw_decode_cpu"] = per_repeat(name, "raw_decode", "frames_per_cpu_s")
+    # a persistent loader's first epoch (fork, fresh buffers) against the median raw decode rate
+    raw_fps = statistics.median(x["frames_per_s"] for x in results["raw_decode"])
+    for name, res in first_epoch.items():
+        fps = (res["batches"] + 1) * P * K * N / res["total_s"]
+        ratios[f"{name}_first_epoch_vs_raw_decode"] = {"min": fps / raw_fps, "median": fps / raw_fps,
+                                                       "max": fps / raw_fps, "runs": [fps / raw_fps]}
     ratios["per_file_vs_raw_decode"] = per_repeat("per_file", "raw_decode")
     ratios["per_file_vs_raw_decode_cpu"] = per_repeat("per_file", "raw_decode", "frames_per_cpu_s")
     ratios["raw_decode_pil_vs_raw_decode"] = per_repeat("raw_decode_pil", "raw_decode")
@@ -305,7 +354,7 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"benchmark": "data_throughput", "args": vars(a), "summary": summary,
-                       "ratios": ratios, "runs": results, "cpu_count": os.cpu_count(),
+                       "ratios": ratios, "runs": results, "first_epoch": first_epoch, "cpu_count": os.cpu_count(),
                        "loadavg": load}, f, indent=1)
     tmp.cleanup()
     return 0

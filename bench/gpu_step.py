@@ -191,16 +191,20 @@ def main(argv=None) -> int:
             yield from items
 
     runs: dict[str, list] = {"synthetic": [], "real": []}
-    for r in range(a.repeats):
-        runs["synthetic"].append(timed_steps(engine, cycle(synthetic), cfg, dtype, device, a.warmup, a.steps))
-        loader = train_loader(shards, clip_len=N, p=a.p, k=a.k, height=H, width=W, batches_per_epoch=per_epoch,
-                              epoch=r, seed=0, num_workers=a.num_workers, pin_memory=device.type == "cuda",
-                              prefetch_factor=a.prefetch_factor, normalize=False, decode=a.decode,
-                              device=device if a.decode == "device" else None)
-        batches = iter(loader)
-        runs["real"].append(timed_steps(engine, batches, cfg, dtype, device, a.warmup, a.steps))
-        for _ in batches:  # drain: the loader's workers exit
-            pass
+    # as training uses it (pipeline.worker.epoch_batches): one persistent loader, an epoch a repeat
+    loader = train_loader(shards, clip_len=N, p=a.p, k=a.k, height=H, width=W, batches_per_epoch=per_epoch,
+                          epoch=0, seed=0, num_workers=a.num_workers, pin_memory=device.type == "cuda",
+                          prefetch_factor=a.prefetch_factor, normalize=False, decode=a.decode,
+                          device=device if a.decode == "device" else None, persistent=True)
+    try:
+        for _ in range(a.repeats):
+            runs["synthetic"].append(timed_steps(engine, cycle(synthetic), cfg, dtype, device, a.warmup, a.steps))
+            batches = iter(loader)
+            runs["real"].append(timed_steps(engine, batches, cfg, dtype, device, a.warmup, a.steps))
+            for _ in batches:  # the rest of the epoch: the next iter() starts the next one
+                pass
+    finally:
+        loader.close()
 
     def summary(rs: list) -> dict:
         step = statistics.median(x["step_s"] for x in rs)

@@ -58,6 +58,9 @@ class DataConfig:
     batches_per_epoch: int = 0  # per rank; 0 = one pass over identities: ceil(train ids / (P * workers))
     num_workers: int = 2  # DataLoader processes per training worker
     prefetch_factor: int = 2
+    # loader processes forked once and kept for every epoch (with their batch buffers), instead of
+    # a fork per epoch; false: a fresh loader per epoch (its start still overlaps the previous epoch)
+    persistent_workers: bool = True
     hflip: bool = True
     random_erasing: float = 0.0
     # where JPEGs are decoded: "loader" (DataLoader workers, libjpeg-turbo) or "device" (workers ship

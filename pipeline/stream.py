@@ -489,17 +489,26 @@ def eval_assignment(shards: list[str], *, rank: int, world_size: int, worker: in
 # =========================================================================== loaders (shared)
 class _WorkerStream(IterableDataset):
     """Calls ``fn(worker, num_workers, ring)`` in each DataLoader worker (0, 1 in-process), ``ring``
-    being that worker's ``_BatchRing`` over ``flags`` (set by ``_make_loader`` before any fork)."""
+    being that worker's ``_BatchRing`` over ``flags`` (set by ``_make_loader`` before any fork).
 
-    def __init__(self, fn, length: int | None = None):
-        self.fn, self.length = fn, length
+    ``epoch`` given (persistent loaders): the i-th ``iter()`` in a worker process runs
+    ``fn(..., epoch=epoch + i)``, and the worker keeps its ring across epochs. Each DataLoader
+    epoch calls ``iter()`` once per worker, so the count is the same in every worker."""
+
+    def __init__(self, fn, length: int | None = None, epoch: int | None = None):
+        self.fn, self.length, self.epoch = fn, length, epoch
         self.flags, self.ring_size = None, 0
+        self.ring: _BatchRing | None = None
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        ring = _BatchRing(self.flags, worker * self.ring_size, self.ring_size, info is not None)
-        return iter(self.fn(worker, workers, ring))
+        if self.ring is None or self.epoch is None:
+            self.ring = _BatchRing(self.flags, worker * self.ring_size, self.ring_size, info is not None)
+        if self.epoch is None:
+            return iter(self.fn(worker, workers, self.ring))
+        self.epoch += 1
+        return iter(self.fn(worker, workers, self.ring, epoch=self.epoch - 1))
 
     def __len__(self):
         if self.length is None:
@@ -551,19 +560,39 @@ class _Normalized:
     ``(B, N, 3, H, W)`` normalised clips: workers ship 4x fewer bytes, and the conversion is
     one vectorised pass in the consumer (or, with ``normalize=False``, on the GPU via
     ``normalize_clips``). ``iter()`` starts the DataLoader, i.e. forks its workers, which begin
-    reading shards at once (training starts the next epoch's iterator before this one ends)."""
+    reading shards at once (training starts the next epoch's iterator before this one ends).
 
-    def __init__(self, loader: DataLoader, mean, std, normalize: bool, pin: bool, decode=None):
+    ``persistent``: the workers are forked once and serve epoch after epoch: each ``iter()``
+    hands out exactly ``len()`` batches of the next epoch (and makes the workers start it, so
+    call it once the previous epoch's batches are all taken); ``close()`` stops them."""
+
+    def __init__(self, loader: DataLoader, mean, std, normalize: bool, pin: bool, decode=None,
+                 persistent: bool = False):
         self.loader, self.mean, self.std, self.normalize, self.pin = loader, mean, std, normalize, pin
         self.decode = decode  # kwargs of decode_clips for batches shipped as JPEG bytes
+        self.persistent = persistent
         flags = getattr(loader.dataset, "flags", None)  # _BatchRing's flags, shared with the workers
         self.flags = flags.numpy() if flags is not None else None
+        self._running = None  # a persistent loader's one DataLoader iterator (torch reuses it)
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self) -> "_Batches":
-        return _Batches(self, iter(self.loader))
+        it = iter(self.loader)
+        if not self.persistent:
+            return _Batches(self, it)
+        self._running = it
+        # Stop at len(): the DataLoader iterator must not be asked for more, since the
+        # next iter() resets it for the next epoch while this epoch's last batch is in use.
+        return _Batches(self, it, left=len(self))
+
+    def close(self) -> None:
+        """Stop a persistent loader's worker processes (a no-op for others: see ``_Batches.close``)."""
+        running, self._running = self._running, None
+        shutdown = getattr(running, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def convert(self, b: dict) -> dict:
         slot = b.pop("_slot", -1)
@@ -588,21 +617,30 @@ class _Normalized:
 
 class _Batches:
     """A running stream: ``dataloader_iter`` is the started DataLoader iterator; ``close()`` stops
-    its worker processes now instead of when the last reference goes."""
+    its worker processes now instead of when the last reference goes (a persistent loader's
+    workers outlive its epochs: ``_Normalized.close()`` stops those). ``left``: batches still to
+    hand out (None: until the DataLoader ends)."""
 
-    def __init__(self, owner: _Normalized, it):
-        self.owner, self.dataloader_iter = owner, it
+    def __init__(self, owner: _Normalized, it, left: int | None = None):
+        self.owner, self.dataloader_iter, self.left = owner, it, left
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
+        if self.left is not None:
+            if self.left <= 0:
+                raise StopIteration
+            self.left -= 1
         return self.owner.convert(next(self.dataloader_iter))
 
     def __len__(self):
         return len(self.owner)
 
     def close(self) -> None:
+        if self.owner.persistent:
+            self.left = 0
+            return
         shutdown = getattr(self.dataloader_iter, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
@@ -614,7 +652,8 @@ def _as_is(batch):
     return batch
 
 
-def _make_loader(ds, num_workers, pin_memory, prefetch_factor, mean, std, normalize, decode=None) -> _Normalized:
+def _make_loader(ds, num_workers, pin_memory, prefetch_factor, mean, std, normalize, decode=None,
+                 persistent=False) -> _Normalized:
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     pin = bool(pin_memory) and torch.cuda.is_available()
@@ -628,8 +667,8 @@ def _make_loader(ds, num_workers, pin_memory, prefetch_factor, mean, std, normal
     loader = DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
                         pin_memory=pin and not normalize,
                         prefetch_factor=prefetch_factor if num_workers > 0 else None,
-                        persistent_workers=False)
-    return _Normalized(loader, mean, std, normalize, pin and normalize, decode)
+                        persistent_workers=persistent and num_workers > 0)
+    return _Normalized(loader, mean, std, normalize, pin and normalize, decode, persistent)
 
 
 def _shard_urls(url, split_info: dict) -> list[str]:
@@ -788,7 +827,7 @@ def train_loader(url, *, clip_len: int, p: int, k: int, height: int, width: int,
                  num_workers: int = 2, hflip: bool = True, random_erasing: float = 0.0,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, pin_memory: bool = False,
                  prefetch_factor: int = 2, normalize: bool = True, decode: str = "loader",
-                 device=None):
+                 device=None, persistent: bool = False):
     """Training stream for one rank: exactly ``batches_per_epoch`` P x K batches
     ``{"clips": float32 (P*K, N, 3, H, W), "pids": long, "camids": long, "skipped": int}``.
 
@@ -812,7 +851,15 @@ def train_loader(url, *, clip_len: int, p: int, k: int, height: int, width: int,
     ``decode="device"``: workers sample, validate the JPEG headers and draw the augmentation as
     above but ship the sampled frames undecoded; the iterating process decodes each batch on
     ``device`` (``pipeline.transforms.decode_clips``: nvJPEG on a GPU, libjpeg-turbo on CPU,
-    where the batches equal ``decode="loader"``'s exactly) and hands out clips on ``device``."""
+    where the batches equal ``decode="loader"``'s exactly) and hands out clips on ``device``.
+
+    ``persistent=True``: one loader for many epochs. Its worker processes are forked once and
+    keep their batch buffers; its i-th ``iter()`` hands out the ``batches_per_epoch`` batches of
+    epoch ``epoch + i``, equal to those of ``train_loader(epoch=epoch + i)``, and makes the
+    workers start that epoch (the previous epoch's batches must all have been taken: the
+    workers move on). ``close()`` stops the workers (else they go with the loader). This saves
+    each epoch's fork, the copy-on-write faults it causes and fresh batch buffers:
+    ``pipeline.worker.epoch_batches`` uses it."""
     if decode not in ("loader", "device"):
         raise ValueError(f"decode must be 'loader' or 'device', got {decode!r}")
     for name, v in (("clip_len", clip_len), ("p", p), ("k", k), ("height", height), ("width", width)):
@@ -840,8 +887,8 @@ def train_loader(url, *, clip_len: int, p: int, k: int, height: int, width: int,
     if decode == "device":
         dec = dict(clip_len=clip_len, height=height, width=width, fill=mean_fill(mean),
                    device=torch.device(device if device is not None else "cpu"))
-    return _make_loader(_WorkerStream(fn, batches_per_epoch), num_workers, pin_memory,
-                        prefetch_factor, tuple(mean), tuple(std), normalize, dec)
+    return _make_loader(_WorkerStream(fn, batches_per_epoch, epoch if persistent else None), num_workers,
+                        pin_memory, prefetch_factor, tuple(mean), tuple(std), normalize, dec, persistent)
 
 
 # =========================================================================== evaluation

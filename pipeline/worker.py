@@ -141,11 +141,19 @@ def epoch_batches(make_loader: Callable[[int], Iterable[dict]], start_epoch: int
     and checkpointing instead of delaying the next epoch's first step. Nothing is started for
     ``end_epoch``. Close the generator (``contextlib.closing``) to stop loaders started ahead or
     in use, e.g. on an exception. ``on_start(epoch, started)`` is called for every start, with
-    the running DataLoader iterator (None if the loader has none)."""
+    the running DataLoader iterator (None if the loader has none).
+
+    A loader with ``persistent`` true (``train_loader(persistent=True)``) is made once, for
+    ``start_epoch``: each later epoch is its next ``iter()``, which sets its worker processes on
+    that epoch at the same point (they are forked once and stopped with its ``close()``)."""
     ahead: dict[int, tuple[Iterator, Optional[int]]] = {}
+    kept: Optional[Any] = None  # the persistent loader
 
     def start(epoch: int) -> None:
-        loader = make_loader(epoch)
+        nonlocal kept
+        loader = kept if kept is not None else make_loader(epoch)
+        if getattr(loader, "persistent", False):
+            kept = loader
         try:
             n = len(loader)
         except TypeError:
@@ -187,6 +195,8 @@ def epoch_batches(make_loader: Callable[[int], Iterable[dict]], start_epoch: int
         for it, _ in ahead.values():
             stop_batches(it)
         ahead.clear()
+        if kept is not None:
+            kept.close()
 
 
 def attention_clips(model: torch.nn.Module, clips: torch.Tensor):
@@ -293,9 +303,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             num_workers=cfg.data.num_workers, hflip=cfg.data.hflip,
                             random_erasing=cfg.data.random_erasing, pin_memory=device.type == "cuda",
                             prefetch_factor=cfg.data.prefetch_factor, normalize=False,
-                            decode=cfg.data.decode, device=device)
+                            decode=cfg.data.decode, device=device, persistent=cfg.data.persistent_workers)
 
-    # Each epoch's loader starts during the previous epoch's last step (epoch_batches).
+    # Each epoch's loader starts during the previous epoch's last step (epoch_batches); a
+    # persistent one is made once and its workers move on to the next epoch then.
     with contextlib.closing(epoch_batches(make_loader, start_epoch, cfg.optim.epochs)) as epochs:
         for epoch, batches in epochs:
             metrics = run_epoch(engine, batches, cfg, dtype=dtype, device=device, world_size=world,

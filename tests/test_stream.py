@@ -726,6 +726,59 @@ def test_held_batches_and_views_survive_buffer_reuse(train_dir, eval_set, tmp_pa
     assert len(held) == len(eref) and all(torch.equal(h, r["clips"][0]) for h, r in zip(held, eref))
 
 
+# --------------------------------------------------------------------------- persistent loader
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(x["clips"], y["clips"]) and torch.equal(x["pids"], y["pids"])
+                                    and torch.equal(x["camids"], y["camids"]) and x["skipped"] == y["skipped"]
+                                    for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2])  # 2 workers: 5 batches split 3 + 2
+def test_persistent_loader_epochs_equal_fresh_loaders(tmp_path, num_workers):
+    """Each iter() of a persistent loader is the next epoch, batch for batch (and skip for skip:
+    one identity's frames are all garbage) what a fresh loader for that epoch gives."""
+    url = str(tmp_path)
+    tracks = _make_tracklets(6, 8, 2, frames=(2, 6))
+    for t in tracks:
+        if t["pid"] == 0:
+            t["frames"] = [b"\xff\xd8garbage"] * len(t["frames"])
+    _write_dataset(url, {"train": tracks}, ids_per_shard=2)
+    kw = dict(p=3, k=2, batches_per_epoch=5, num_workers=num_workers, random_erasing=0.5)
+    loader = train_loader(url, **{**TRAIN_KW, **kw}, epoch=2, persistent=True)
+    try:
+        assert len(loader) == 5
+        for epoch in (2, 3, 4):
+            assert _same(list(loader), _run_train(url, epoch=epoch, **kw)), epoch
+        assert sum(b["skipped"] for b in _run_train(url, epoch=5, **kw)) > 0  # the garbage was met
+        # an epoch cut short: the next iter() is still the next epoch, whole
+        it = iter(loader)
+        next(it)
+        assert _same(list(loader), _run_train(url, epoch=6, **kw))
+    finally:
+        loader.close()
+
+
+def test_persistent_loader_forks_once_and_reuses_buffers_across_epochs(train_dir):
+    url, _ = train_dir
+    loader = train_loader(url, **TRAIN_KW, p=3, k=2, batches_per_epoch=4, epoch=0, normalize=False,
+                          num_workers=1, persistent=True)
+    inodes, pids = [], set()
+    try:
+        for _ in range(3):
+            batches = iter(loader)
+            pids.update(w.pid for w in batches.dataloader_iter._workers)
+            for b in batches:
+                inodes.append(_shm_inode(b["clips"]))
+                del b
+        workers = batches.dataloader_iter._workers
+        assert all(w.is_alive() for w in workers)
+    finally:
+        loader.close()
+    assert len(pids) == 1  # one worker process for all three epochs
+    assert len(inodes) == 12 and len(set(inodes)) <= 5  # its prefetch_factor + 3 buffers, kept
+    assert not any(w.is_alive() for w in workers)
+
+
 def _loader_iter(url, **kw):
     kw = {**TRAIN_KW, "p": 3, "k": 2, "batches_per_epoch": 4, "epoch": 0, "num_workers": 0, **kw}
     return iter(train_loader(url, **kw))

@@ -22,12 +22,13 @@ def shards(tmp_path_factory):
     return out
 
 
-def _loader(url, epoch, num_workers=1):
+def _loader(url, epoch, num_workers=1, persistent=False):
     """As train_loop_per_worker builds it (uint8 pass-through), one worker process."""
     from pipeline.stream import train_loader
 
     return train_loader(url, clip_len=N, p=P, k=K, height=H, width=W, batches_per_epoch=STEPS,
-                        epoch=epoch, seed=3, num_workers=num_workers, normalize=False)
+                        epoch=epoch, seed=3, num_workers=num_workers, normalize=False,
+                        persistent=persistent)
 
 
 def _alive(started) -> bool:
@@ -137,3 +138,50 @@ def test_failed_start_ahead_is_retried_at_the_epoch():
 
     assert [(e, list(b)) for e, b in epoch_batches(make, 0, 2)] == [(0, [0]), (1, [1])]
     assert calls == [0, 1, 1]
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])  # 2: STEPS=3 batches split 2 + 1
+def test_persistent_loader_made_once_same_batches_next_epoch_started_during_last_step(shards, num_workers):
+    """A persistent loader serves every epoch with the workers forked once; each epoch's batches
+    equal a fresh loader's, and the workers are set on the next epoch before the last step."""
+    start_epoch, end = 1, 4
+    expected = {e: list(_loader(shards, e, num_workers)) for e in range(start_epoch, end)}
+    made, started, events, got = [], [], [], {}
+
+    def make(epoch):
+        made.append(epoch)
+        return _loader(shards, epoch, num_workers, persistent=True)
+
+    def on_start(epoch, it):
+        started.append(it)
+        events.append(("start", epoch))
+
+    with contextlib.closing(epoch_batches(make, start_epoch, end, on_start=on_start)) as epochs:
+        for epoch, batches in epochs:
+            got[epoch] = []
+            for i, batch in enumerate(batches):
+                events.append(("batch", epoch, i))
+                got[epoch].append(batch)
+            assert _alive(started[0])
+        pids = [w.pid for w in started[0]._workers]
+    assert made == [start_epoch]  # one loader, one fork
+    assert all(it is started[0] for it in started) and len(started) == end - start_epoch
+    assert len(pids) == num_workers
+    for e in range(start_epoch + 1, end):
+        assert events.index(("start", e)) == events.index(("batch", e - 1, STEPS - 1)) - 1
+    for e, want in expected.items():
+        assert len(got[e]) == STEPS
+        for a, b in zip(got[e], want):
+            assert torch.equal(a["clips"], b["clips"]) and torch.equal(a["pids"], b["pids"])
+    assert not _alive(started[0])  # closing the generator stopped the workers
+
+
+def test_exception_mid_epoch_stops_a_persistent_loader(shards):
+    started = []
+    epochs = epoch_batches(lambda e: _loader(shards, e, persistent=True), 0, 5,
+                           on_start=lambda e, it: started.append(it))
+    with pytest.raises(RuntimeError, match="step failed"), contextlib.closing(epochs):
+        for _epoch, batches in epochs:
+            next(batches)
+            raise RuntimeError("step failed")
+    assert len(started) == 1 and not _alive(started[0])
