@@ -13,8 +13,8 @@ clip-consistent flip, resize to the target size and ImageNet normalisation, P x 
 * ``stream_local_jpeg`` -- ``decode="device"`` with device ``cpu``: the worker ships the sampled
   JPEGs, the main process decodes them (libjpeg-turbo) into the batch; on a GPU this decode is
   nvJPEG's. Same output as ``stream_local_u8``;
-* ``stream_s3``    -- the same as ``stream_local`` over moto's S3 server on 127.0.0.1 (``--s3``; the server runs in a
-  thread of this process, so it also takes CPU of the measuring process);
+* ``stream_s3``    -- ``stream_local_u8`` over moto's S3 server on 127.0.0.1 (``--s3``; the server runs in a
+  thread of this process, so its CPU counts as the measuring process's);
 * ``per_file``     -- map-style Dataset whose ``__getitem__`` opens each sampled JPEG file with PIL
   (``Image.open(path).convert("RGB")``, resize, flip, per-frame ToTensor + Normalize, stack),
   torchreid's RandomIdentitySampler for P x K, default collate;
@@ -256,7 +256,8 @@ def main(argv=None) -> int:
                           AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
         storage.client().create_bucket(Bucket="bench")
         storage.upload_dir(shards_url, "s3://bench/shards")
-        persistent["stream_s3"] = lambda: train_loader("s3://bench/shards", epoch=0, persistent=True, **common)
+        persistent["stream_s3"] = lambda: train_loader("s3://bench/shards", epoch=0, normalize=False,
+                                                       persistent=True, **common)
 
     # raw decode of the same frames: train frames from memory, one process, tight loop, as many
     # frames as a loader case delivers; measured before and after the loader cases of each
