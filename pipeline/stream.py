@@ -498,6 +498,7 @@ class _WorkerStream(IterableDataset):
     def __init__(self, fn, length: int | None = None, epoch: int | None = None):
         self.fn, self.length, self.epoch = fn, length, epoch
         self.flags, self.ring_size = None, 0
+        self.by_slot = False  # ship batches in ring buffers the consumer holds as (slot, shape)
         self.ring: _BatchRing | None = None
 
     def __iter__(self):
@@ -506,9 +507,11 @@ class _WorkerStream(IterableDataset):
         if self.ring is None or self.epoch is None:
             self.ring = _BatchRing(self.flags, worker * self.ring_size, self.ring_size, info is not None)
         if self.epoch is None:
-            return iter(self.fn(worker, workers, self.ring))
-        self.epoch += 1
-        return iter(self.fn(worker, workers, self.ring, epoch=self.epoch - 1))
+            batches = self.fn(worker, workers, self.ring)
+        else:
+            self.epoch += 1
+            batches = self.fn(worker, workers, self.ring, epoch=self.epoch - 1)
+        return _ship_by_slot(batches, self.ring) if self.by_slot and info is not None else iter(batches)
 
     def __len__(self):
         if self.length is None:
@@ -532,6 +535,7 @@ class _BatchRing:
         self.flags = flags.numpy() if flags is not None else None  # None: no reuse
         self.base, self.size, self.shared = base, size, shared
         self.bufs: list[torch.Tensor] = []
+        self.sent: set[int] = set()  # slots whose buffer the consumer has received (_ship_by_slot)
 
     def get(self, shape) -> tuple[torch.Tensor, np.ndarray, int]:
         """``(tensor, numpy view, slot)``; slot -1: a buffer outside the ring."""
@@ -555,6 +559,27 @@ def _release(flags: np.ndarray, slot: int) -> None:
     flags[slot] = 0
 
 
+def _ship_by_slot(batches, ring: _BatchRing):
+    """Worker side of shipping by slot: a batch in a ring buffer carries ``_shape`` (its clips are
+    the buffer's leading rows); once the consumer has been sent a buffer, later batches in it
+    travel without the tensor. Sending a shared-memory tensor again would cost a file-descriptor
+    hand-over (a socket connection with an authentication round trip) and a fresh mapping in the
+    consumer for every batch; ``_Normalized.convert`` keeps each buffer mapped instead."""
+    for b in batches:
+        slot = b.get("_slot", -1)
+        if slot >= 0:
+            clips = b["clips"]
+            buf = ring.bufs[slot - ring.base]
+            assert clips.data_ptr() == buf.data_ptr() and clips.is_contiguous(), "clips must lead their buffer"
+            b["_shape"] = tuple(clips.shape)
+            if slot in ring.sent:
+                del b["clips"]
+            else:
+                ring.sent.add(slot)
+            del clips, buf
+        yield b
+
+
 class _Normalized:
     """Iterable over a DataLoader of uint8 ``(B, N, H, W, 3)`` batches that hands out float32
     ``(B, N, 3, H, W)`` normalised clips: workers ship 4x fewer bytes, and the conversion is
@@ -573,6 +598,7 @@ class _Normalized:
         self.persistent = persistent
         flags = getattr(loader.dataset, "flags", None)  # _BatchRing's flags, shared with the workers
         self.flags = flags.numpy() if flags is not None else None
+        self.slots: dict[int, np.ndarray] = {}  # shipping by slot: each ring buffer, mapped once
         self._running = None  # a persistent loader's one DataLoader iterator (torch reuses it)
 
     def __len__(self):
@@ -593,10 +619,18 @@ class _Normalized:
         shutdown = getattr(running, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+        self.slots.clear()  # batches handed out keep their buffers mapped (their arrays refer to them)
 
     def convert(self, b: dict) -> dict:
-        slot = b.pop("_slot", -1)
-        if slot >= 0:  # the worker may refill this buffer once nothing here refers to it any more
+        slot, shape = b.pop("_slot", -1), b.pop("_shape", None)
+        if shape is not None:  # shipped by slot (_ship_by_slot): a fresh array over the buffer
+            if "clips" in b:  # the buffer's first batch brings the buffer
+                storage = b.pop("clips").untyped_storage()
+                self.slots[slot] = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+            arr = self.slots[slot][:math.prod(shape)].reshape(shape)
+            b["clips"] = torch.from_numpy(arr)  # its storage holds ``arr``: arr dies with the last view
+            weakref.finalize(arr, _release, self.flags, slot)
+        elif slot >= 0:  # the worker may refill this buffer once nothing here refers to it any more
             weakref.finalize(b["clips"].untyped_storage(), _release, self.flags, slot)
         if "jpegs" in b:
             clips, replaced = decode_clips(np.require(b.pop("jpegs"), requirements="W"), b.pop("offsets"),
@@ -664,6 +698,8 @@ def _make_loader(ds, num_workers, pin_memory, prefetch_factor, mean, std, normal
         # ring holds it (malloc recycles that memory instead).
         ds.ring_size = prefetch_factor + 3
         ds.flags = torch.zeros(num_workers * ds.ring_size, dtype=torch.int32).share_memory_()
+        # the pin-memory thread copies each batch: the consumer never sees the shared buffer
+        ds.by_slot = not (pin and not normalize)
     loader = DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
                         pin_memory=pin and not normalize,
                         prefetch_factor=prefetch_factor if num_workers > 0 else None,

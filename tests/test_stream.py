@@ -11,6 +11,7 @@ import json
 import math
 import os
 import tarfile
+import types
 import time
 from collections import Counter, defaultdict
 
@@ -684,10 +685,18 @@ def test_train_device_decode_bad_frames(tmp_path):
 
 # --------------------------------------------------------------------------- batch buffer reuse
 def _shm_inode(t: torch.Tensor) -> int:
-    """The shared-memory file behind a batch received from a loader process (tmpfs numbers
-    inodes from an increasing counter, so a repeated number is the same file)."""
-    fd, _ = t.untyped_storage()._share_fd_cpu_()
-    return os.fstat(fd).st_ino
+    """The shared-memory file behind a batch received from a loader process, from the mapping
+    that holds its data in /proc/self/maps (tmpfs numbers inodes from an increasing counter, so
+    a repeated number is the same file)."""
+    addr = t.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, _perms, _off, _dev, inode, *_ = line.split()
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= addr < hi:
+                assert int(inode) != 0, f"batch not in a shared-memory file: {line}"
+                return int(inode)
+    raise AssertionError("no mapping holds the batch")
 
 
 def test_batch_buffers_reused_once_released_never_while_held(train_dir):
@@ -724,6 +733,48 @@ def test_held_batches_and_views_survive_buffer_reuse(train_dir, eval_set, tmp_pa
     held = [b["clips"][0] for b in eval_loader(eurl, "gallery", clip_len=4, height=H, width=W, mean=(0, 0, 0),
                                                 std=(1, 1, 1), num_workers=num_workers, clips_per_batch=2)]
     assert len(held) == len(eref) and all(torch.equal(h, r["clips"][0]) for h, r in zip(held, eref))
+
+
+def test_ring_buffers_shipped_once_then_by_slot():
+    """After a ring buffer's first batch, its batches travel as (slot, shape) without the tensor;
+    the consumer hands out arrays over the buffer it mapped once, releases the buffer when the
+    last of them (or of their views) dies, and batches outside the ring still bring their tensor."""
+    from pipeline.stream import _BatchRing, _Normalized, _ship_by_slot
+
+    flags = torch.zeros(4, dtype=torch.int32)
+    ring = _BatchRing(flags, 2, 2, shared=False)  # this worker's slots: 2 and 3
+    loader = types.SimpleNamespace(dataset=types.SimpleNamespace(flags=flags))
+    consumer = _Normalized(loader, (0, 0, 0), (1, 1, 1), normalize=False, pin=False)
+
+    def produce(i, rows=2):
+        t, u8, slot = ring.get((2, 3))
+        u8[:] = i
+        return next(_ship_by_slot(iter([{"clips": t[:rows], "_slot": slot}]), ring))
+
+    b0 = produce(0)
+    assert b0["_slot"] == 2 and "clips" in b0 and b0["_shape"] == (2, 3)  # brings its buffer
+    c0 = consumer.convert(b0).pop("clips")
+    ptr = c0.data_ptr()
+    assert int(flags[2]) == 1
+    del c0
+    assert int(flags[2]) == 0  # released: the worker may refill it
+    b1 = produce(1)
+    assert b1["_slot"] == 2 and "clips" not in b1 and b1["_shape"] == (2, 3)  # by slot
+    c1 = consumer.convert(b1).pop("clips")
+    assert c1.data_ptr() == ptr and bool((c1 == 1).all())
+    b2 = produce(2, rows=1)  # slot 2 is held: a new buffer, slot 3, brought with the batch
+    assert b2["_slot"] == 3 and "clips" in b2 and b2["_shape"] == (1, 3)
+    c2 = consumer.convert(b2).pop("clips")
+    assert c2.shape == (1, 3) and bool((c2 == 2).all())
+    b3 = produce(3)  # both held: a buffer outside the ring, sent as a tensor
+    assert b3["_slot"] == -1 and "_shape" not in b3 and bool((b3["clips"] == 3).all())
+    view = c1[1]
+    del c1
+    assert int(flags[2]) == 1  # a view still refers to the buffer
+    del view
+    assert int(flags[2]) == 0
+    c4 = consumer.convert(produce(4))["clips"]
+    assert c4.data_ptr() == ptr and bool((c4 == 4).all()) and bool((c2 == 2).all())
 
 
 # --------------------------------------------------------------------------- persistent loader
