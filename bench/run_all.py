@@ -124,6 +124,15 @@ def _rows(name: str, res: dict) -> list[str]:
                   "raw_decode_pil_vs_raw_decode": ("raw decode with PIL", "raw decode with libjpeg-turbo (simplejpeg)",
                                                    "-", None),
                   "per_file_vs_raw_decode_cpu": ("per-file loader, per CPU-s", raw_cpu, "-", None)}
+        # absolute rates on the headline rows (medians over the repeats)
+        sm = res.get("summary", {})
+        rate = lambda c: f" ({sm[c]['frames_per_s']:.0f} frames/s, {sm[c]['clips_per_s']:.0f} clips/s)"  # noqa: E731
+        for key, case, base_case in (("stream_local_u8_vs_per_file", "stream_local_u8", "per_file"),
+                                     ("stream_local_u8_vs_raw_decode", "stream_local_u8", "raw_decode"),
+                                     ("stream_s3_vs_per_file", "stream_s3", "per_file")):
+            if key in labels and case in sm and base_case in sm:
+                what, base, target, thr = labels[key]
+                labels[key] = (what + rate(case), base + rate(base_case), target, thr)
         for key, r in res["ratios"].items():
             what, base, target, thr = labels.get(key, (key, "", "-", None))
             out.append(_row(name, what, r, base, target, None if thr is None else r["median"] >= thr))

@@ -75,5 +75,6 @@ def test_data_throughput_smoke_run(tmp_path):
     rows = _run_all()._rows("data_throughput", r)
     assert len(rows) == len(r["ratios"])
     assert all(row.split(" | ")[2].strip() for row in rows), rows  # every ratio has its label and baseline
-    u8 = [row for row in rows if row.startswith("| data_throughput | stream uint8 (persistent loader, as training) |")]
+    u8 = [row for row in rows if row.startswith("| data_throughput | stream uint8 (persistent loader, as training) (")]
     assert len(u8) == 2 and all(">= 0.70x" in row or ">= 2x" in row for row in u8)
+    assert all("frames/s" in row.split(" | ")[2] for row in u8)  # the baselines' rates too
