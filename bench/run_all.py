@@ -123,6 +123,8 @@ def _rows(name: str, res: dict) -> list[str]:
                   "per_file_vs_raw_decode": ("per-file loader", raw, "-", None),
                   "raw_decode_pil_vs_raw_decode": ("raw decode with PIL", "raw decode with libjpeg-turbo (simplejpeg)",
                                                    "-", None),
+                  "raw_decode_aligned_vs_raw_decode": ("raw decode (libjpeg-turbo) into a 64-byte-aligned array "
+                                                       "(non-temporal stores)", "the same into a frame_buffer", "-", None),
                   "per_file_vs_raw_decode_cpu": ("per-file loader, per CPU-s", raw_cpu, "-", None)}
         # absolute rates on the headline rows (medians over the repeats)
         sm = res.get("summary", {})

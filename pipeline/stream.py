@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import storage
 from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, check_jpeg, decode_clips, decode_into, erase_box,
-                                 eval_clip_indices, mean_fill, normalize_clips,
+                                 eval_clip_indices, frame_buffer, mean_fill, normalize_clips,
                                  restricted_sample)
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "normalize_clips", "read_manifest", "split_counts", "train_loader",
@@ -544,9 +544,7 @@ class _BatchRing:
                 if self.flags[self.base + i] == 0 and t.shape == shape:
                     self.flags[self.base + i] = 1
                     return t, t.numpy(), self.base + i
-        t = torch.empty(shape, dtype=torch.uint8)
-        if self.shared and t.numel():
-            t.share_memory_()
+        t = frame_buffer(shape, shared=self.shared)  # off-aligned: cached stores when decoding into it
         slot = -1
         if self.flags is not None and len(self.bufs) < self.size:
             slot = self.base + len(self.bufs)
@@ -560,8 +558,8 @@ def _release(flags: np.ndarray, slot: int) -> None:
 
 
 def _ship_by_slot(batches, ring: _BatchRing):
-    """Worker side of shipping by slot: a batch in a ring buffer carries ``_shape`` (its clips are
-    the buffer's leading rows); once the consumer has been sent a buffer, later batches in it
+    """Worker side of shipping by slot: a batch in a ring buffer carries ``_shape`` and ``_offset``
+    (its clips are the buffer's leading rows, at that offset in its storage); once the consumer has been sent a buffer, later batches in it
     travel without the tensor. Sending a shared-memory tensor again would cost a file-descriptor
     hand-over (a socket connection with an authentication round trip) and a fresh mapping in the
     consumer for every batch; ``_Normalized.convert`` keeps each buffer mapped instead."""
@@ -571,7 +569,7 @@ def _ship_by_slot(batches, ring: _BatchRing):
             clips = b["clips"]
             buf = ring.bufs[slot - ring.base]
             assert clips.data_ptr() == buf.data_ptr() and clips.is_contiguous(), "clips must lead their buffer"
-            b["_shape"] = tuple(clips.shape)
+            b["_shape"], b["_offset"] = tuple(clips.shape), clips.storage_offset()
             if slot in ring.sent:
                 del b["clips"]
             else:
@@ -622,12 +620,12 @@ class _Normalized:
         self.slots.clear()  # batches handed out keep their buffers mapped (their arrays refer to them)
 
     def convert(self, b: dict) -> dict:
-        slot, shape = b.pop("_slot", -1), b.pop("_shape", None)
+        slot, shape, off = b.pop("_slot", -1), b.pop("_shape", None), b.pop("_offset", 0)
         if shape is not None:  # shipped by slot (_ship_by_slot): a fresh array over the buffer
             if "clips" in b:  # the buffer's first batch brings the buffer
                 storage = b.pop("clips").untyped_storage()
                 self.slots[slot] = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
-            arr = self.slots[slot][:math.prod(shape)].reshape(shape)
+            arr = self.slots[slot][off:off + math.prod(shape)].reshape(shape)
             b["clips"] = torch.from_numpy(arr)  # its storage holds ``arr``: arr dies with the last view
             weakref.finalize(arr, _release, self.flags, slot)
         elif slot >= 0:  # the worker may refill this buffer once nothing here refers to it any more
@@ -947,11 +945,11 @@ def _eval_worker(worker: int, num_workers: int, ring: _BatchRing, *, shards, cli
         return {"clips": clips[:n], "index": index[:n], "pids": pids[:n], "camids": camids[:n],
                 "skipped": 0, "_slot": slot_id}
 
-    scratch = np.empty((0, height, width, 3), np.uint8)  # a tracklet's decoded frames, reused
+    scratch = frame_buffer((0, height, width, 3)).numpy()  # a tracklet's decoded frames, reused
     for shard, part, parts in units:
         for _, meta, frames in iter_samples(shard, skips, part=part, parts=parts):
             if len(scratch) < len(frames):
-                scratch = np.empty((max(len(frames), 2 * len(scratch)), height, width, 3), np.uint8)
+                scratch = frame_buffer((max(len(frames), 2 * len(scratch)), height, width, 3)).numpy()
             decoded = scratch[:len(frames)]
             try:
                 for i, fr in enumerate(frames):

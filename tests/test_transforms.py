@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, _pil_decode, decode_frame, decode_into,
-                                 erase_box, eval_clip_indices, mean_fill, restricted_sample,
+                                 erase_box, eval_clip_indices, frame_buffer, mean_fill, restricted_sample,
                                  normalize_clips)
 
 
@@ -102,6 +102,25 @@ def test_decode_into_writes_the_callers_buffer():
     decode_into(data, batch[1, 2])
     np.testing.assert_array_equal(batch[1, 2], np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
     assert not batch[:1].any() and not batch[1, :2].any()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_frame_buffer_rows_start_off_vector_alignment_and_decode_the_same(shared):
+    """A frame_buffer starts 8 bytes past a 64-byte boundary and none of its rows is 16-byte
+    aligned (libjpeg-turbo then uses cached stores, not non-temporal ones); decoding into it
+    gives the same pixels."""
+    buf = frame_buffer((3, 2, 32, 16, 3), shared=shared)
+    assert buf.shape == (3, 2, 32, 16, 3) and buf.dtype == torch.uint8 and buf.is_contiguous()
+    assert buf.is_shared() == shared
+    arr = buf.numpy()
+    assert arr.ctypes.data % 64 == 8
+    starts = {arr[c, n, y].ctypes.data % 16 for c in range(3) for n in range(2) for y in range(32)}
+    assert starts == {8}  # never 16- (SSE2) or 32-byte (AVX2) aligned
+    data = _jpeg(np.random.default_rng(5).integers(0, 256, (32, 16, 3), dtype=np.uint8))
+    for flip in (False, True):
+        decode_into(data, arr[2, 1], flip)
+        np.testing.assert_array_equal(arr[2, 1], decode_frame(data, 32, 16, flip))
+    assert frame_buffer((0, 32, 16, 3)).shape == (0, 32, 16, 3)
 
 
 def test_decode_into_cmyk_and_grayscale_jpeg_via_the_same_pixels_as_pil():
