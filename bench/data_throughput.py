@@ -24,6 +24,9 @@ clip-consistent flip, resize to the target size and ImageNet normalisation, P x 
   8 bytes off vector alignment, so libjpeg-turbo's x86 SIMD code uses cached stores), like the
   stream's batches: where the array lands decides ~17% of the rate otherwise;
 * ``raw_decode_aligned`` -- the same into a 64-byte-aligned array (non-temporal stores), for reference;
+* ``raw_decode_batches`` -- the same into successive frames of 5 batch-sized ``frame_buffer`` s (a
+  loader's ring): the memory traffic of writing each frame to its own place, which a loader cannot
+  avoid and the one-array loop does not have;
 * ``raw_decode_pil`` -- ``Image.open(BytesIO(jpeg)).convert("RGB")`` in the same tight loop: what
   the limit is with PIL (about half the rate; the per-file baseline decodes with PIL).
 
@@ -271,8 +274,11 @@ def main(argv=None) -> int:
     n_frame = a.src_size[0] * a.src_size[1] * 3
     spare = np.empty(n_frame + 64, np.uint8)
     aligned = spare[(-spare.ctypes.data) % 64:][:n_frame].reshape(buf.shape)
+    ring = frame_buffer((5 * P * K * N, a.src_size[0], a.src_size[1], 3)).numpy()
+    slot = iter(range(1 << 62))
     raw_cases = {"raw_decode": lambda b: simplejpeg.decode_jpeg(b, "RGB", buffer=buf),
                  "raw_decode_aligned": lambda b: simplejpeg.decode_jpeg(b, "RGB", buffer=aligned),
+                 "raw_decode_batches": lambda b: simplejpeg.decode_jpeg(b, "RGB", buffer=ring[next(slot) % len(ring)]),
                  "raw_decode_pil": lambda b: Image.open(io.BytesIO(b)).convert("RGB")}
 
     def raw(decode):
@@ -355,6 +361,9 @@ def main(argv=None) -> int:
     ratios["per_file_vs_raw_decode_cpu"] = per_repeat("per_file", "raw_decode", "frames_per_cpu_s")
     ratios["raw_decode_pil_vs_raw_decode"] = per_repeat("raw_decode_pil", "raw_decode")
     ratios["raw_decode_aligned_vs_raw_decode"] = per_repeat("raw_decode_aligned", "raw_decode")
+    ratios["raw_decode_batches_vs_raw_decode"] = per_repeat("raw_decode_batches", "raw_decode")
+    ratios["stream_local_u8_vs_raw_decode_batches"] = per_repeat("stream_local_u8", "raw_decode_batches")
+    ratios["stream_local_u8_vs_raw_decode_aligned"] = per_repeat("stream_local_u8", "raw_decode_aligned")
     print(f"\n{'ratio (per repeat)':<34}{'min':>7}{'median':>8}{'max':>7}")
     for k, v in ratios.items():
         print(f"{k:<34}{v['min']:6.2f}x{v['median']:7.2f}x{v['max']:6.2f}x")

@@ -123,6 +123,13 @@ def _rows(name: str, res: dict) -> list[str]:
                   "per_file_vs_raw_decode": ("per-file loader", raw, "-", None),
                   "raw_decode_pil_vs_raw_decode": ("raw decode with PIL", "raw decode with libjpeg-turbo (simplejpeg)",
                                                    "-", None),
+                  "raw_decode_batches_vs_raw_decode": ("raw decode (libjpeg-turbo) into a ring of 5 batches, "
+                                                       "each frame to its own place", "the same into one array", "-",
+                                                       None),
+                  "stream_local_u8_vs_raw_decode_batches": (u8, "raw decode into a ring of 5 batches, 1 core", "-",
+                                                            None),
+                  "stream_local_u8_vs_raw_decode_aligned": (u8, "raw decode into one 64-byte-aligned array, 1 core",
+                                                            "-", None),
                   "raw_decode_aligned_vs_raw_decode": ("raw decode (libjpeg-turbo) into a 64-byte-aligned array "
                                                        "(non-temporal stores)", "the same into a frame_buffer", "-", None),
                   "per_file_vs_raw_decode_cpu": ("per-file loader, per CPU-s", raw_cpu, "-", None)}
