@@ -40,8 +40,8 @@ JSON too). CPU time: this process, plus its loader processes (live ones via /pro
 via ``RUSAGE_CHILDREN``).
 The default data set (128 identities x 4 tracklets, P=8, K=4) makes one pass over the identities
 exactly the default 16 batches: one epoch as in real training (MARS: 625 ids / P=16), where each
-epoch starts a new loader; with few identities per P the pool would hold nearly all of them and
-re-read shards. Cases run interleaved in each repeat;
+epoch starts with the loader's initial pool read; with few identities per P the pool would hold
+nearly all of them and re-read shards. Cases run interleaved in each repeat;
 ratios are taken per repeat and reported as min/median/max. On a shared machine expect noise.
 
     python bench/data_throughput.py [--repeats 5] [--json out.json] [--s3]
@@ -332,9 +332,11 @@ def main(argv=None) -> int:
     for name, s in summary.items():
         print(f"{name:<16}{s['clips_per_s']:>10.1f}{s['frames_per_s']:>11.1f}{s['frames_per_cpu_s']:>13.1f}"
               f"{s.get('total_s', float('nan')):>9.2f}")
-    def per_repeat(num, den, key="frames_per_s"):
-        r = [x[key] / y[key] for x, y in zip(results[num], results[den])]
+    def spread(r: list) -> dict:
         return {"min": min(r), "median": statistics.median(r), "max": max(r), "runs": r}
+
+    def per_repeat(num, den, key="frames_per_s"):
+        return spread([x[key] / y[key] for x, y in zip(results[num], results[den])])
 
     # Wall-clock ratios, and CPU-time ratios (frames per CPU-second of loader worker + main
     # process vs. of the decode loop): the per-core efficiency, much less sensitive to other load.
@@ -346,17 +348,15 @@ def main(argv=None) -> int:
             ratios[f"{name}_vs_raw_decode_pil"] = per_repeat(name, "raw_decode_pil")
             # from the first batch on: worker start-up and the initial pool read excluded (training
             # starts the next epoch's loader before the current one ends, so it does not wait on them)
-            r = [x["steady_frames_per_s"] / y["frames_per_s"] for x, y in zip(results[name], results["raw_decode"])]
-            ratios[f"{name}_vs_raw_decode_steady"] = {"min": min(r), "median": statistics.median(r),
-                                                      "max": max(r), "runs": r}
+            ratios[f"{name}_vs_raw_decode_steady"] = spread(
+                [x["steady_frames_per_s"] / y["frames_per_s"] for x, y in zip(results[name], results["raw_decode"])])
             ratios[f"{name}_vs_per_file_cpu"] = per_repeat(name, "per_file", "frames_per_cpu_s")
             ratios[f"{name}_vs_raw_decode_cpu"] = per_repeat(name, "raw_decode", "frames_per_cpu_s")
     # a persistent loader's first epoch (fork, fresh buffers) against the median raw decode rate
     raw_fps = statistics.median(x["frames_per_s"] for x in results["raw_decode"])
     for name, res in first_epoch.items():
         fps = (res["batches"] + 1) * P * K * N / res["total_s"]
-        ratios[f"{name}_first_epoch_vs_raw_decode"] = {"min": fps / raw_fps, "median": fps / raw_fps,
-                                                       "max": fps / raw_fps, "runs": [fps / raw_fps]}
+        ratios[f"{name}_first_epoch_vs_raw_decode"] = spread([fps / raw_fps])
     ratios["per_file_vs_raw_decode"] = per_repeat("per_file", "raw_decode")
     ratios["per_file_vs_raw_decode_cpu"] = per_repeat("per_file", "raw_decode", "frames_per_cpu_s")
     ratios["raw_decode_pil_vs_raw_decode"] = per_repeat("raw_decode_pil", "raw_decode")
