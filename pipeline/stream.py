@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import storage
 from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, check_jpeg, decode_clips, decode_into, erase_box,
                                  eval_clip_indices, frame_buffer, mean_fill, normalize_clips,
-                                 restricted_sample)
+                                 restricted_indices)
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "normalize_clips", "read_manifest", "split_counts", "train_loader",
            "eval_loader", "train_shard_assignment", "eval_assignment",
@@ -317,21 +317,21 @@ def _make_sample(key: str, members: dict, where: str, meta=None) -> tuple[dict, 
     return meta, [d for _, d in frames]
 
 
-def _frame_layout(meta) -> tuple[list[int], list[int]] | None:
+def _frame_layout(meta) -> tuple[list[int], list[int], int] | None:
     """The json's ``frame_bytes`` (``pipeline.pack`` writes it) when usable: the frames follow the
     json as plain ustar members ``<key>.NNN.jpg`` of these sizes, one header block each. Returns
-    ``(sizes, ends)``, ``ends[i]`` being where frame i's member ends in the sample's block."""
+    ``(sizes, offsets, total)``: frame i's member starts at ``offsets[i]`` in the sample's block of
+    ``total`` bytes. (Plain Python: for ~40 ints it is twice as fast as numpy.)"""
     sizes = meta.get("frame_bytes") if isinstance(meta, dict) else None
     if not (isinstance(sizes, list) and sizes and len(sizes) == meta.get("n_frames")):
         return None
-    try:
-        arr = np.asarray(sizes)
-    except (ValueError, TypeError):
-        return None
-    if arr.dtype.kind not in "iu" or arr.ndim != 1 or arr.min() < 0:  # bools and floats too
-        return None
-    # a plain ustar member: a 512-byte header, then the data padded to 512-byte blocks
-    return sizes, np.cumsum((arr + 1023) // 512 * 512).tolist()
+    offsets, end = [], 0
+    for size in sizes:
+        if type(size) is not int or size < 0:  # bools and floats too
+            return None
+        offsets.append(end)
+        end += (size + 1023) >> 9 << 9  # a 512-byte header, then the data padded to 512-byte blocks
+    return sizes, offsets, end
 
 
 class _Frames:
@@ -339,16 +339,17 @@ class _Frames:
     accessed, after checking its tar header names it, so the 90% of frames that training never
     samples cost no parsing at all. Bytes-like items, like a list of memoryviews."""
 
-    __slots__ = ("key", "block", "offsets", "sizes")
+    __slots__ = ("key", "prefix", "block", "offsets", "sizes")
 
     def __init__(self, key: str, block, sizes: list[int], offsets: list[int]):
         self.key, self.block, self.sizes, self.offsets = key, memoryview(block), sizes, offsets
+        self.prefix = key.encode()
 
     def __len__(self) -> int:
         return len(self.sizes)
 
     def _name_ok(self, i: int) -> bool:
-        name = b"%s.%03d.jpg\0" % (self.key.encode(), i)
+        name = b"%s.%03d.jpg\0" % (self.prefix, i)
         off = self.offsets[i]
         return self.block[off:off + len(name)] == name
 
@@ -418,10 +419,9 @@ def iter_samples(shard_url, skips: _Skips | None = None, *, part: int = 0, parts
                     continue  # reported by the member-by-member path
                 if (layout := _frame_layout(meta)) is None:
                     continue
-                sizes, ends = layout
-                n = ends[-1]
+                sizes, offsets, n = layout
                 block = tar.block(n)
-                frames = _Frames(k, block, sizes, [0] + ends[:-1])
+                frames = _Frames(k, block, sizes, offsets)
                 if len(block) < n or not (frames._name_ok(0) and frames._name_ok(len(sizes) - 1)):
                     # not the promised layout (a frame missing, extra headers, a cut shard...):
                     # read this sample member by member, as any other WebDataset sample
@@ -802,7 +802,7 @@ def _train_worker(worker: int, num_workers: int, ring: _BatchRing, *, shards, sh
             ok = True
             for j, t in enumerate(picks):
                 meta, frames = tracks[t]
-                idx = restricted_sample(len(frames), clip_len, rng)
+                idx = restricted_indices(len(frames), clip_len, rng)
                 flip = hflip and rng.random() < 0.5
                 try:
                     for n, fi in enumerate(idx):

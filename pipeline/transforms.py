@@ -26,13 +26,23 @@ def restricted_sample(n_frames: int, clip_len: int, rng: np.random.Generator) ->
     The tracklet is split into ``clip_len`` equal chunks and one random frame is drawn from each.
     A tracklet shorter than ``clip_len`` keeps every frame once and repeats randomly chosen ones,
     still in order (e.g. 3 frames, N=5 -> [0, 0, 1, 2, 2])."""
+    return np.asarray(restricted_indices(n_frames, clip_len, rng), dtype=np.int64)
+
+
+def restricted_indices(n_frames: int, clip_len: int, rng: np.random.Generator) -> list[int]:
+    """``restricted_sample`` as a list (the same draws from ``rng``, the same indices): the
+    training stream's per-clip call, where numpy on 4-element arrays cost 3x the plain loop."""
     if n_frames < 1 or clip_len < 1:
         raise ValueError(f"need n_frames >= 1 and clip_len >= 1, got {n_frames}, {clip_len}")
     if n_frames < clip_len:
         extra = rng.integers(0, n_frames, size=clip_len - n_frames)
-        return np.sort(np.concatenate([np.arange(n_frames), extra]))
-    edges = (np.arange(clip_len + 1) * n_frames) // clip_len  # chunk i = [edges[i], edges[i+1])
-    return edges[:-1] + (rng.random(clip_len) * (edges[1:] - edges[:-1])).astype(np.int64)
+        return np.sort(np.concatenate([np.arange(n_frames), extra])).tolist()
+    out, lo = [], 0
+    for i, u in enumerate(rng.random(clip_len).tolist()):  # chunk i = [lo, hi)
+        hi = (i + 1) * n_frames // clip_len
+        out.append(lo + int(u * (hi - lo)))  # truncation, as numpy's astype(int64)
+        lo = hi
+    return out
 
 
 def eval_clip_indices(n_frames: int, clip_len: int) -> np.ndarray:
@@ -105,6 +115,13 @@ def decode_into(data, out: np.ndarray, flip: bool = False) -> np.ndarray:
         if colorspace in ("CMYK", "YCCK"):
             raise ValueError("CMYK: PIL handles Adobe's inverted CMYK")
         if (h, w) == (height, width):
+            if flip:
+                # BGR with each row's bytes reversed is the mirrored RGB row: a byte reversal is
+                # one vectorised pass, mirroring 3-byte pixels is not (16 -> 9 us a frame here)
+                simplejpeg.decode_jpeg(data, "BGR", buffer=out)
+                rows = torch.from_numpy(out).view(height, width * 3)
+                rows.copy_(rows.flip(1))
+                return out
             simplejpeg.decode_jpeg(data, "RGB", buffer=out)
         else:
             # DCT-domain downscale by a power of two as PIL's draft picks it (libjpeg-turbo alone

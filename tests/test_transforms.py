@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, _pil_decode, decode_frame, decode_into,
-                                 erase_box, eval_clip_indices, frame_buffer, mean_fill, restricted_sample,
+                                 erase_box, eval_clip_indices, frame_buffer, mean_fill, restricted_indices,
+                                 restricted_sample,
                                  normalize_clips)
 
 
@@ -42,6 +43,21 @@ def test_restricted_sample_short_tracklet_keeps_all_frames_in_order():
     assert restricted_sample(1, 4, rng).tolist() == [0, 0, 0, 0]
     with pytest.raises(ValueError):
         restricted_sample(0, 4, rng)
+
+
+def test_restricted_indices_are_the_chunk_formula_with_the_same_draws():
+    # the stream's list version must draw from rng exactly as the numpy formula of STA's RRS
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    for n_frames in list(range(1, 70)) + [999, 1000, 1001]:
+        for clip_len in (1, 3, 4, 8):
+            got = restricted_indices(n_frames, clip_len, a)
+            assert isinstance(got, list) and all(type(i) is int for i in got)
+            if n_frames < clip_len:
+                want = np.sort(np.concatenate([np.arange(n_frames), b.integers(0, n_frames, clip_len - n_frames)]))
+            else:
+                edges = (np.arange(clip_len + 1) * n_frames) // clip_len
+                want = edges[:-1] + (b.random(clip_len) * np.diff(edges)).astype(np.int64)
+            assert got == want.tolist(), (n_frames, clip_len)
 
 
 def test_eval_clip_indices_pads_with_last_frame():
