@@ -57,6 +57,7 @@ import os
 import random
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -149,11 +150,16 @@ def _self_cpu() -> float:
     return me.ru_utime + me.ru_stime
 
 
+_NOT_LOADERS: set[int] = set()  # child processes that are not the loader's (the S3 server)
+
+
 def _kids_cpu() -> tuple[float, dict]:
-    """CPU seconds of this process's reaped children, and of each live child process."""
+    """CPU seconds of this process's reaped children, and of each live loader process."""
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     live = {}
     for child in psutil.Process().children():
+        if child.pid in _NOT_LOADERS:
+            continue
         with contextlib.suppress(psutil.Error):
             live[child.pid] = sum(child.cpu_times()[:2])
     return kids.ru_utime + kids.ru_stime, live
@@ -164,6 +170,12 @@ def _kids_cpu_since(start: tuple[float, dict]) -> float:
     delta; one reaped meanwhile is in RUSAGE_CHILDREN whole, less what it had at ``start``."""
     (c0, live0), (c1, live1) = start, _kids_cpu()
     return c1 - c0 + sum(live1.values()) - sum(live0.values())
+
+
+def _server_cpu(server) -> float:
+    if server is None:
+        return 0.0
+    return sum(psutil.Process(server.pid).cpu_times()[:2])
 
 
 def _time_loader(loader, n_batches):
@@ -253,14 +265,23 @@ def main(argv=None) -> int:
     }
     server = None
     if a.s3:
-        from moto.server import ThreadedMotoServer
-
+        # moto's server in a process of its own, as an S3 endpoint is another machine: the
+        # stream's CPU is then its own (a Python S3 server costs ~1/3 of the client's CPU here)
         port = free_port()
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-        server.start()
+        server = subprocess.Popen([sys.executable, "-c", "from moto.server import main; main()",
+                                   "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _NOT_LOADERS.add(server.pid)
         os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
                           AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-        storage.client().create_bucket(Bucket="bench")
+        for attempt in range(100):  # until the server listens
+            try:
+                storage.client().create_bucket(Bucket="bench")
+                break
+            except Exception:  # noqa: BLE001 - connection refused while it starts
+                if attempt == 99 or server.poll() is not None:
+                    raise
+                time.sleep(0.1)
         storage.upload_dir(shards_url, "s3://bench/shards")
         persistent["stream_s3"] = lambda: train_loader("s3://bench/shards", epoch=0, normalize=False,
                                                        persistent=True, **common)
@@ -306,7 +327,10 @@ def main(argv=None) -> int:
         for r in range(a.repeats):
             before = {name: raw(decode) for name, decode in raw_cases.items()}
             for name, loader in loaders.items():
+                s0 = _server_cpu(server)
                 record(name, _time_loader(loader, B))
+                if server is not None and "s3" in name:
+                    results[name][-1]["server_cpu_s"] = _server_cpu(server) - s0
             for name, make in cases.items():
                 record(name, _time_loader(make(r), B))
             for name, decode in raw_cases.items():
@@ -319,13 +343,17 @@ def main(argv=None) -> int:
         for loader in loaders.values():
             loader.close()
         if server is not None:
-            server.stop()
+            server.terminate()
+            server.wait()
 
     summary = {name: {"clips_per_s": statistics.median(x["clips_per_s"] for x in runs),
                       "frames_per_s": statistics.median(x["frames_per_s"] for x in runs),
                       "frames_per_cpu_s": statistics.median(x["frames_per_cpu_s"] for x in runs),
                       **({"total_s": statistics.median(x["total_s"] for x in runs),
-                          "skipped": sum(x["skipped"] for x in runs)} if "total_s" in runs[0] else {})}
+                          "skipped": sum(x["skipped"] for x in runs)} if "total_s" in runs[0] else {}),
+                      **({"server_cpu_s": statistics.median(x["server_cpu_s"] for x in runs),
+                          "loader_cpu_s": statistics.median(x["cpu_s"] for x in runs)}
+                         if "server_cpu_s" in runs[0] else {})}
                for name, runs in results.items()}
     print(f"\n{'case':<16}{'clips/s':>10}{'frames/s':>11}{'frames/cpu-s':>13}{'total_s':>9}"
           f"   (median of {a.repeats})")
@@ -364,6 +392,10 @@ def main(argv=None) -> int:
     ratios["raw_decode_batches_vs_raw_decode"] = per_repeat("raw_decode_batches", "raw_decode")
     ratios["stream_local_u8_vs_raw_decode_batches"] = per_repeat("stream_local_u8", "raw_decode_batches")
     ratios["stream_local_u8_vs_raw_decode_aligned"] = per_repeat("stream_local_u8", "raw_decode_aligned")
+    for name, v in summary.items():
+        if "server_cpu_s" in v:
+            print(f"{name}: S3 server (its own process) {v['server_cpu_s']:.2f} CPU-s per epoch, "
+                  f"the stream's processes {v['loader_cpu_s']:.2f}")
     print(f"\n{'ratio (per repeat)':<34}{'min':>7}{'median':>8}{'max':>7}")
     for k, v in ratios.items():
         print(f"{k:<34}{v['min']:6.2f}x{v['median']:7.2f}x{v['max']:6.2f}x")

@@ -81,7 +81,7 @@ def _rows(name: str, res: dict) -> list[str]:
         f32 = "stream float32 (also normalises: not the training path)"
         fresh = "stream uint8, a new loader each epoch"
         dev = "stream decode=device on CPU"
-        s3 = "stream uint8 over S3 (moto server in the bench process, 127.0.0.1)"
+        s3 = "stream uint8 over S3, no local cache (moto server in its own process on 127.0.0.1; the stream's CPU only)"
         labels = {"stream_local_u8_vs_per_file": (u8, pf, ">= 2x", 2.0),
                   "stream_local_u8_vs_raw_decode": (u8, raw, ">= 0.70x", 0.7),
                   "stream_local_u8_vs_per_file_cpu": (f"{u8}, frames per CPU-s", pf_cpu, ">= 2x", 2.0),
