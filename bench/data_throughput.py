@@ -56,6 +56,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -285,6 +286,11 @@ def main(argv=None) -> int:
         storage.upload_dir(shards_url, "s3://bench/shards")
         persistent["stream_s3"] = lambda: train_loader("s3://bench/shards", epoch=0, normalize=False,
                                                        persistent=True, **common)
+        # the node-local shard cache: the first epoch streams and copies, later ones read local disk
+        cache_dir = os.path.join(work, "s3-cache")
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        persistent["stream_s3_cached"] = lambda: train_loader("s3://bench/shards", epoch=0, normalize=False,
+                                                              persistent=True, cache_dir=cache_dir, **common)
 
     # raw decode of the same frames: train frames from memory, one process, tight loop, as many
     # frames as a loader case delivers; measured before and after the loader cases of each
@@ -369,7 +375,8 @@ def main(argv=None) -> int:
     # Wall-clock ratios, and CPU-time ratios (frames per CPU-second of loader worker + main
     # process vs. of the decode loop): the per-core efficiency, much less sensitive to other load.
     ratios = {}
-    for name in ("stream_local", "stream_local_u8", "stream_local_u8_fresh", "stream_local_jpeg", "stream_s3"):
+    for name in ("stream_local", "stream_local_u8", "stream_local_u8_fresh", "stream_local_jpeg", "stream_s3",
+                 "stream_s3_cached"):
         if name in summary:
             ratios[f"{name}_vs_per_file"] = per_repeat(name, "per_file")
             ratios[f"{name}_vs_raw_decode"] = per_repeat(name, "raw_decode")

@@ -66,6 +66,10 @@ class DataConfig:
     # where JPEGs are decoded: "loader" (DataLoader workers, libjpeg-turbo) or "device" (workers ship
     # the sampled JPEGs; the training process decodes on its device: nvJPEG on a GPU, needs torchvision)
     decode: str = "loader"
+    # s3:// shards: local directory that keeps a copy of each shard after its first read (checked
+    # against the manifest's sha256), so later epochs read local disk; "" streams every epoch
+    cache_dir: str = ""
+    cache_gb: float = 100.0  # the cache's size limit (least recently used shards are removed)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -358,6 +362,7 @@ def validate(cfg: Config) -> Config:
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(0.0 <= d.random_erasing <= 1.0, "data.random_erasing", "is a probability in [0, 1]")
     need(d.decode in ("loader", "device"), "data.decode", f"must be 'loader' or 'device', got {d.decode!r}")
+    need(d.cache_gb > 0, "data.cache_gb", f"must be > 0, got {d.cache_gb}")
     s = d.synthetic
     need(s.num_ids >= 2 and s.num_test_ids >= 2, "data.synthetic.num_ids", "need >= 2 train and test ids")
     need(1 <= s.min_frames <= s.max_frames, "data.synthetic.min_frames", "need 1 <= min_frames <= max_frames")

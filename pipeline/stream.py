@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline import storage
+from pipeline import shard_cache, storage
 from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, check_jpeg, decode_clips, decode_into, erase_box,
                                  eval_clip_indices, frame_buffer, mean_fill, normalize_clips,
                                  restricted_indices)
@@ -366,8 +366,8 @@ class _Frames:
         return (self[i] for i in range(len(self.sizes)))
 
 
-def iter_samples(shard_url, skips: _Skips | None = None, *, part: int = 0, parts: int = 1
-                 ) -> Iterator[tuple[int, dict, list[bytes]]]:
+def iter_samples(shard_url, skips: _Skips | None = None, *, part: int = 0, parts: int = 1,
+                 cache: shard_cache.ShardCache | None = None) -> Iterator[tuple[int, dict, list[bytes]]]:
     """Stream the valid samples of one shard as ``(position, meta, frames)``; ``frames`` is a
     sequence of the raw encoded frames (bytes-like, see ``_TarReader``) in temporal order,
     ``position`` counts every sample of the shard.
@@ -378,7 +378,8 @@ def iter_samples(shard_url, skips: _Skips | None = None, *, part: int = 0, parts
     yielded (co-readers of a shard split it this way). A bad
     sample is counted in ``skips`` by its owner; a truncated or corrupt shard, or one that cannot
     be opened, ends the iteration after counting 1 (by the ``part == 0`` reader only). Without
-    ``skips``, errors raise instead."""
+    ``skips``, errors raise instead. ``cache``: a remote shard is read from its local copy
+    when there is one, else streamed and copied there (``pipeline.shard_cache``)."""
     pos, key, members, meta = 0, None, {}, None  # meta: the current sample's json, once parsed
     where = str(shard_url)
 
@@ -396,7 +397,10 @@ def iter_samples(shard_url, skips: _Skips | None = None, *, part: int = 0, parts
 
     try:
         mapped = storage.map_local(shard_url)  # local shards: only the pages used are touched
-        with (contextlib.nullcontext(io.BytesIO()) if mapped is not None else storage.open_read(shard_url)) as f:
+        if mapped is None and cache is not None:
+            mapped = cache.map(shard_url)
+        with (contextlib.nullcontext(io.BytesIO()) if mapped is not None
+              else cache.filling(shard_url) if cache is not None else storage.open_read(shard_url)) as f:
             tar = _TarReader(f, 4 << 20, mapped)  # a tracklet's block rarely straddles two 4 MiB reads
             while (m := tar.next()) is not None:
                 name, data = m
@@ -712,7 +716,7 @@ def _shard_urls(url, split_info: dict) -> list[str]:
 # =========================================================================== training
 def _train_worker(worker: int, num_workers: int, ring: _BatchRing, *, shards, shard_ids, num_ids, num_classes, clip_len, p, k,
                   height, width, batches_per_epoch, epoch, seed, rank, world_size, hflip,
-                  random_erasing, mean, encoded=False):
+                  random_erasing, mean, encoded=False, cache=None):
     n_batches = batches_per_epoch // num_workers + (worker < batches_per_epoch % num_workers)
     if n_batches == 0:
         return
@@ -763,7 +767,7 @@ def _train_worker(worker: int, num_workers: int, ring: _BatchRing, *, shards, sh
             # identity (few identities per P).
             if not (ids and ids.issubset(pool)):
                 got: dict[int, list] = {}
-                for _, meta, frames in iter_samples(shard, skips):
+                for _, meta, frames in iter_samples(shard, skips, cache=cache):
                     if not 0 <= meta["pid"] < num_classes:
                         skips.add("sample", shard, f"pid {meta['pid']} outside 0..{num_classes - 1}")
                         continue
@@ -861,7 +865,8 @@ def train_loader(url, *, clip_len: int, p: int, k: int, height: int, width: int,
                  num_workers: int = 2, hflip: bool = True, random_erasing: float = 0.0,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, pin_memory: bool = False,
                  prefetch_factor: int = 2, normalize: bool = True, decode: str = "loader",
-                 device=None, persistent: bool = False):
+                 device=None, persistent: bool = False, cache_dir: str | None = None,
+                 cache_gb: float = 100.0):
     """Training stream for one rank: exactly ``batches_per_epoch`` P x K batches
     ``{"clips": float32 (P*K, N, 3, H, W), "pids": long, "camids": long, "skipped": int}``.
 
@@ -893,7 +898,11 @@ def train_loader(url, *, clip_len: int, p: int, k: int, height: int, width: int,
     workers start that epoch (the previous epoch's batches must all have been taken: the
     workers move on). ``close()`` stops the workers (else they go with the loader). This saves
     each epoch's fork, the copy-on-write faults it causes and fresh batch buffers:
-    ``pipeline.worker.epoch_batches`` uses it."""
+    ``pipeline.worker.epoch_batches`` uses it.
+
+    ``cache_dir`` (s3:// shards): each shard is copied to this local directory on its first read,
+    checked against the manifest's sha256, and read from there afterwards, up to ``cache_gb``
+    (least recently used copies go first; ``pipeline.shard_cache``)."""
     if decode not in ("loader", "device"):
         raise ValueError(f"decode must be 'loader' or 'device', got {decode!r}")
     for name, v in (("clip_len", clip_len), ("p", p), ("k", k), ("height", height), ("width", width)):
@@ -916,7 +925,8 @@ def train_loader(url, *, clip_len: int, p: int, k: int, height: int, width: int,
         num_classes=int(man.get("num_classes") or num_ids), clip_len=clip_len, p=p, k=k,
         height=height, width=width, batches_per_epoch=batches_per_epoch, epoch=epoch, seed=seed,
         rank=rank, world_size=world_size, hflip=hflip, random_erasing=random_erasing,
-        mean=tuple(mean), encoded=decode == "device")
+        mean=tuple(mean), encoded=decode == "device",
+        cache=shard_cache.for_manifest(url, tr, cache_dir, cache_gb))
     dec = None
     if decode == "device":
         dec = dict(clip_len=clip_len, height=height, width=width, fill=mean_fill(mean),
@@ -927,7 +937,7 @@ def train_loader(url, *, clip_len: int, p: int, k: int, height: int, width: int,
 
 # =========================================================================== evaluation
 def _eval_worker(worker: int, num_workers: int, ring: _BatchRing, *, shards, clip_len, height, width, rank,
-                 world_size, clips_per_batch):
+                 world_size, clips_per_batch, cache=None):
     skips = _Skips()
     units = eval_assignment(shards, rank=rank, world_size=world_size, worker=worker,
                             num_workers=num_workers)
@@ -947,7 +957,7 @@ def _eval_worker(worker: int, num_workers: int, ring: _BatchRing, *, shards, cli
 
     scratch = frame_buffer((0, height, width, 3)).numpy()  # a tracklet's decoded frames, reused
     for shard, part, parts in units:
-        for _, meta, frames in iter_samples(shard, skips, part=part, parts=parts):
+        for _, meta, frames in iter_samples(shard, skips, part=part, parts=parts, cache=cache):
             if len(scratch) < len(frames):
                 scratch = frame_buffer((max(len(frames), 2 * len(scratch)), height, width, 3)).numpy()
             decoded = scratch[:len(frames)]
@@ -980,7 +990,7 @@ def _eval_worker(worker: int, num_workers: int, ring: _BatchRing, *, shards, cli
 def eval_loader(url, split: str, *, clip_len: int, height: int, width: int, rank: int = 0,
                 world_size: int = 1, num_workers: int = 2, clips_per_batch: int = 32,
                 mean=IMAGENET_MEAN, std=IMAGENET_STD, pin_memory: bool = False,
-                normalize: bool = True):
+                normalize: bool = True, cache_dir: str | None = None, cache_gb: float = 100.0):
     """Evaluation stream over ``split`` ("query"/"gallery"/"train") for one rank: dicts
     ``{"clips": float32 (b, N, 3, H, W), "index": long (b,), "pids", "camids", "skipped": int}``
     with b <= ``clips_per_batch`` (b == 0 only for a batch that just carries skips).
@@ -990,7 +1000,7 @@ def eval_loader(url, split: str, *, clip_len: int, height: int, width: int, rank
     by repeating the last frame. Its clips are consecutive within one worker's output; batches of
     different workers interleave, so use ``index`` (split order, see ``split_counts``) and
     ``pipeline.evaluation.extract`` (per-tracklet sums) rather than arrival order. ``normalize=False``: uint8 clips
-    ``(b, N, H, W, 3)`` as in ``train_loader``."""
+    ``(b, N, H, W, 3)`` as in ``train_loader``; ``cache_dir``/``cache_gb`` as there."""
     for name, v in (("clip_len", clip_len), ("height", height), ("width", width),
                     ("clips_per_batch", clips_per_batch)):
         if v < 1:
@@ -1000,6 +1010,7 @@ def eval_loader(url, split: str, *, clip_len: int, height: int, width: int, rank
     info = _split(read_manifest(url), split, url)
     fn = functools.partial(_eval_worker, shards=_shard_urls(url, info), clip_len=clip_len,
                            height=height, width=width, rank=rank, world_size=world_size,
-                           clips_per_batch=clips_per_batch)
+                           clips_per_batch=clips_per_batch,
+                           cache=shard_cache.for_manifest(url, info, cache_dir, cache_gb))
     return _make_loader(_WorkerStream(fn), num_workers, pin_memory, 2, tuple(mean), tuple(std),
                         normalize)

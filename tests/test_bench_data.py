@@ -62,8 +62,11 @@ def test_data_throughput_smoke_run(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
-    persistent = ("stream_local", "stream_local_u8", "stream_local_jpeg", "stream_s3")  # s3: moto on 127.0.0.1
+    persistent = ("stream_local", "stream_local_u8", "stream_local_jpeg", "stream_s3",  # s3: moto on 127.0.0.1
+                  "stream_s3_cached")
     assert set(r["first_epoch"]) == set(persistent)
+    for name in ("stream_s3", "stream_s3_cached"):  # the server's CPU is measured apart from the stream's
+        assert all(x["server_cpu_s"] >= 0 for x in r["runs"][name]), r["runs"][name]
     for name in (*persistent, "stream_local_u8_fresh", "per_file"):
         runs = r["runs"][name]
         assert len(runs) == 2 and all(x["batches"] == 2 and x["skipped"] == 0 for x in runs)

@@ -109,6 +109,14 @@ def test_stripes_checked_against_trunk_resolution():
     load_config(ROOT / "configs" / "mars.yaml", ["model.kind=temporal_pooling", "model.num_blocks=5"])
 
 
+def test_shard_cache_knobs():
+    cfg = load_config(None, ["data.cache_dir=/nvme/shards", "data.cache_gb=20"])
+    assert cfg.data.cache_dir == "/nvme/shards" and cfg.data.cache_gb == 20.0
+    assert load_config(None).data.cache_dir == ""  # off by default: the default data is local
+    with pytest.raises(ConfigError, match=r"^data\.cache_gb"):
+        load_config(None, ["data.cache_gb=0"])
+
+
 def test_apply_overrides_and_flat_roundtrip():
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     new = apply_overrides(cfg, {"data.clip_len": 3, "loss.w_tri": 0.5})
