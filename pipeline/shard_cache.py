@@ -76,15 +76,24 @@ class ShardCache:
             with storage.open_read(url) as f:
                 yield f
             return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".tar")
         try:
-            with storage.open_read(url) as src, os.fdopen(fd, "wb") as out:
-                tee = _Tee(src, out)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".tar")
+        except OSError as e:  # not writable here (a path meant for other nodes): just stream
+            _warn_once(self.root, f"shard cache {self.root} unusable, streaming instead: {e}")
+            with storage.open_read(url) as f:
+                yield f
+            return
+        try:
+            with storage.open_read(url) as src:
+                tee = _Tee(src, fd)
                 yield tee
-                while tee.read(1 << 20):  # the rest: tar padding after the end-of-archive block
+                while tee.fd is not None and tee.read(1 << 20):  # the rest: padding after the tar's end
                     pass
             size, digest = self.expected[url]
+            if tee.failed is not None:  # the disk filled up, say: the read itself went on
+                _warn_once(self.root, f"shard cache {self.root}: not caching {url}: {tee.failed}")
+                return
             if tee.n != size or tee.hash.hexdigest() != digest:
                 log.warning("not caching %s: read %d bytes with sha256 %s, the manifest says %d bytes, %s",
                             url, tee.n, tee.hash.hexdigest(), size, digest)
@@ -93,6 +102,8 @@ class ShardCache:
             os.replace(tmp, path)
             tmp = None
         finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
             if tmp is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
@@ -138,18 +149,35 @@ def _scandir(path: str) -> list[os.DirEntry]:
 
 
 class _Tee:
-    """A readable file that copies what it hands out to ``out`` and hashes it."""
+    """A readable file that copies what it hands out to file descriptor ``fd`` and hashes it. A failed write
+    stops the copying (``failed``), never the reading."""
 
-    def __init__(self, src: BinaryIO, out: BinaryIO):
-        self.src, self.out, self.n, self.hash = src, out, 0, hashlib.sha256()
+    def __init__(self, src: BinaryIO, fd: int):
+        self.src, self.fd, self.n, self.hash = src, fd, 0, hashlib.sha256()
+        self.failed: OSError | None = None
 
     def read(self, n: int = -1) -> bytes:
         data = self.src.read(n)
-        if data:
-            self.out.write(data)
+        if data and self.fd is not None:
+            try:
+                view = memoryview(data)
+                while view:  # unbuffered: nothing is left to fail at close
+                    view = view[os.write(self.fd, view):]
+            except OSError as e:
+                self.failed, self.fd = e, None
+                return data
             self.hash.update(data)
             self.n += len(data)
         return data
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
 
 
 def for_manifest(url, split_info: dict, cache_dir: str | None, max_gb: float) -> ShardCache | None:

@@ -182,6 +182,25 @@ def test_gpu_worker_group(name):
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
 
 
+@pytest.mark.parametrize("name", ["rayjob.yaml", "raycluster.yaml"])
+def test_gpu_workers_mount_the_shard_cache_of_the_config(name):
+    # configs/mars.yaml keeps S3 shards under data.cache_dir: the pods must give it a disk volume
+    # bigger than data.cache_gb (an emptyDir over its sizeLimit gets the pod evicted)
+    from pipeline.config import load_config
+
+    cfg = load_config(REPO / "configs" / "mars.yaml")
+    assert cfg.data.cache_dir
+    for group in cluster_spec(one(name))["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+        mount = next((p for p in mounts if cfg.data.cache_dir.startswith(p.rstrip("/") + "/")), None)
+        assert mount is not None, f"{group['groupName']}: nothing mounted above {cfg.data.cache_dir}"
+        vol = next(v for v in pod["volumes"] if v["name"] == mounts[mount])
+        assert "medium" not in vol["emptyDir"], "the shard cache belongs on disk, not in memory"
+        limit = vol["emptyDir"]["sizeLimit"]
+        assert limit.endswith("Gi") and int(limit[:-2]) * 2**30 > cfg.data.cache_gb * 2**30 * 1.1, limit
+
+
 def test_rayjob_lifecycle():
     doc = one("rayjob.yaml")
     assert doc["spec"]["shutdownAfterJobFinishes"] is True

@@ -163,3 +163,30 @@ def test_loaders_read_s3_shards_once_then_from_the_cache(packed, s3_bucket, tmp_
     assert len(first) == len(again) and all(s == 0 for *_, s in again)
     for (ia, ca), (ib, cb, _) in zip(first, again):
         assert torch.equal(ia, ib) and torch.equal(ca, cb)
+
+
+def test_an_unusable_cache_only_streams(s3_bucket, tmp_path, caplog, monkeypatch):
+    data = os.urandom(30_000)
+    url, want = _put(s3_bucket, "d.tar", data)
+    (tmp_path / "file").write_text("not a directory")
+    blocked = shard_cache.ShardCache(str(tmp_path / "file" / "cache"), 1 << 30, {url: want})
+    with caplog.at_level(logging.WARNING, logger="pipeline.shard_cache"):
+        with blocked.filling(url) as f:
+            assert f.read() == data
+    assert "streaming instead" in caplog.text
+    # a write that fails half-way (a full disk): the read goes on, nothing is published
+    cache = _cache(tmp_path, {url: want})
+    real_write, calls = os.write, []
+
+    def full_disk(fd, b):
+        calls.append(len(b))
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, b[:1000])  # and a short write first
+
+    monkeypatch.setattr(shard_cache.os, "write", full_disk)
+    with cache.filling(url) as f:
+        assert f.read(20_000) == data[:20_000]
+        assert f.read() == data[20_000:]
+    monkeypatch.undo()
+    assert _files(cache) == [] and len(calls) == 2
