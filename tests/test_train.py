@@ -158,8 +158,14 @@ def test_multi_node_cluster_s3(tiny_shards, s3_bucket, tmp_path, monkeypatch):
                                        "AWS_DEFAULT_REGION", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") if k in os.environ}})
         summary = main(["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.shards={s3_shards}",
                         f"checkpoint.storage_path=s3://{s3_bucket}/runs", f"tracking.uri={uri}",
-                        "tracking.run_name=mn", "optim.epochs=1", "tracking.log_model=false"])
+                        "tracking.run_name=mn", "optim.epochs=1", "tracking.log_model=false",
+                        f"data.cache_dir={tmp_path}/shard-cache"])
         assert summary["error"] is None
+        # the workers kept verified copies of the shards they read (named by the manifest's sha256)
+        man = json.loads(storage.read_bytes(f"{s3_shards}/manifest.json"))
+        digests = {s["sha256"]: s["bytes"] for sp in man["splits"].values() for s in sp["shards"]}
+        cached = [f for _, _, fs in os.walk(tmp_path / "shard-cache") for f in fs]
+        assert cached and all(f.endswith(".tar") and f[:-4] in digests for f in cached), cached
         client, runs = _mlflow_runs(uri, "sta-tiny")
         assert runs[0].data.metrics["num_nodes"] == 2.0
         assert "checkpoint_epoch_0001" in storage.listdir(f"s3://{s3_bucket}/runs/mn")
