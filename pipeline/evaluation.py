@@ -49,7 +49,7 @@ def extract(forward: Callable[[torch.Tensor], torch.Tensor], cfg: Config, split:
     loader = eval_loader(url, split, clip_len=cfg.eval.clip_len, height=cfg.data.height, width=cfg.data.width,
                          rank=rank, world_size=world_size, num_workers=cfg.eval.num_workers,
                          clips_per_batch=cfg.eval.clips_per_batch, normalize=False,
-                         pin_memory=device.type == "cuda", cache_dir=cfg.data.cache_dir or None,
+                         pin_memory=device.type == "cuda", cache_dir=cfg.data.cache_dir,
                          cache_gb=cfg.data.cache_gb)
     for batch in loader:
         skipped += int(batch["skipped"])

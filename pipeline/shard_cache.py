@@ -73,16 +73,14 @@ class ShardCache:
         ``with`` block ends without an exception, the rest of the object is read too (a tar
         reader stops at the end-of-archive block, before the padding), checked against the
         manifest and published. On an exception nothing is published."""
-        path = self.path(url)
-        if path is None or self.expected[url][0] > self.max_bytes:
-            with storage.open_read(url) as f:
-                yield f
-            return
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".tar")
-        except OSError as e:  # not writable here (a path meant for other nodes): just stream
-            _warn_once(self.root, f"shard cache {self.root} unusable, streaming instead: {e}")
+        path, tmp = self.path(url), None
+        if path is not None and self.expected[url][0] <= self.max_bytes:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".tar")
+            except OSError as e:  # not writable here (a path meant for other nodes): just stream
+                _warn_once(self.root, f"shard cache {self.root} unusable, streaming instead: {e}")
+        if tmp is None:  # not cached: a plain read
             with storage.open_read(url) as f:
                 yield f
             return

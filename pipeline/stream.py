@@ -900,9 +900,9 @@ def train_loader(url, *, clip_len: int, p: int, k: int, height: int, width: int,
     each epoch's fork, the copy-on-write faults it causes and fresh batch buffers:
     ``pipeline.worker.epoch_batches`` uses it.
 
-    ``cache_dir`` (s3:// shards): each shard is copied to this local directory on its first read,
-    checked against the manifest's sha256, and read from there afterwards, up to ``cache_gb``
-    (least recently used copies go first; ``pipeline.shard_cache``)."""
+    ``cache_dir`` (s3:// shards; None or "" for none): each shard is copied to this local
+    directory on its first read, checked against the manifest's sha256, and read from there
+    afterwards, up to ``cache_gb`` (least recently used copies go first; ``pipeline.shard_cache``)."""
     if decode not in ("loader", "device"):
         raise ValueError(f"decode must be 'loader' or 'device', got {decode!r}")
     for name, v in (("clip_len", clip_len), ("p", p), ("k", k), ("height", height), ("width", width)):

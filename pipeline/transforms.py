@@ -115,21 +115,19 @@ def decode_into(data, out: np.ndarray, flip: bool = False) -> np.ndarray:
         if colorspace in ("CMYK", "YCCK"):
             raise ValueError("CMYK: PIL handles Adobe's inverted CMYK")
         if (h, w) == (height, width):
+            # flipped: BGR with each row's bytes reversed is the mirrored RGB row, and a byte
+            # reversal is one vectorised pass where mirroring 3-byte pixels is not (16 -> 9 us)
+            simplejpeg.decode_jpeg(data, "BGR" if flip else "RGB", buffer=out)
             if flip:
-                # BGR with each row's bytes reversed is the mirrored RGB row: a byte reversal is
-                # one vectorised pass, mirroring 3-byte pixels is not (16 -> 9 us a frame here)
-                simplejpeg.decode_jpeg(data, "BGR", buffer=out)
                 rows = torch.from_numpy(out).view(height, width * 3)
                 rows.copy_(rows.flip(1))
-                return out
-            simplejpeg.decode_jpeg(data, "RGB", buffer=out)
-        else:
-            # DCT-domain downscale by a power of two as PIL's draft picks it (libjpeg-turbo alone
-            # would also take M/8 factors), so the pixels stay PIL's
-            ratio = min(h // height, w // width)
-            scale = next((f for f in (8, 4, 2) if ratio >= f), 1)
-            arr = simplejpeg.decode_jpeg(data, "RGB", min_height=-(-h // scale), min_width=-(-w // scale))
-            out[...] = np.asarray(Image.fromarray(arr).resize((width, height), Image.BILINEAR))
+            return out
+        # DCT-domain downscale by a power of two as PIL's draft picks it (libjpeg-turbo alone
+        # would also take M/8 factors), so the pixels stay PIL's
+        ratio = min(h // height, w // width)
+        scale = next((f for f in (8, 4, 2) if ratio >= f), 1)
+        arr = simplejpeg.decode_jpeg(data, "RGB", min_height=-(-h // scale), min_width=-(-w // scale))
+        out[...] = np.asarray(Image.fromarray(arr).resize((width, height), Image.BILINEAR))
     except ValueError:
         out[...] = _pil_decode(data, height, width)
     if flip:

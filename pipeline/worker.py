@@ -304,7 +304,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             random_erasing=cfg.data.random_erasing, pin_memory=device.type == "cuda",
                             prefetch_factor=cfg.data.prefetch_factor, normalize=False,
                             decode=cfg.data.decode, device=device, persistent=cfg.data.persistent_workers,
-                            cache_dir=cfg.data.cache_dir or None, cache_gb=cfg.data.cache_gb)
+                            cache_dir=cfg.data.cache_dir, cache_gb=cfg.data.cache_gb)
 
     # Each epoch's loader starts during the previous epoch's last step (epoch_batches); a
     # persistent one is made once and its workers move on to the next epoch then.
