@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from pipeline import storage
-from pipeline.config import Config, config_from_dict
+from pipeline.config import Config, ConfigError, config_from_dict
 
 DS_TAG = "ds"
 
@@ -92,25 +92,119 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
 
 
 def export_model(state_dict: dict[str, torch.Tensor], cfg: Config, url: str, *, num_classes: int,
-                 metrics: Optional[dict[str, float]] = None) -> None:
+                 metrics: Optional[dict[str, float]] = None, provenance: Optional[dict[str, Any]] = None) -> None:
     """Write ``model.pt`` + ``config.yaml`` + ``meta.json`` under ``url`` (meta last: it marks completeness)."""
     buf = io.BytesIO()
     torch.save(state_dict, buf)
     storage.write_bytes(storage.join(url, "model.pt"), buf.getvalue())
     storage.write_bytes(storage.join(url, "config.yaml"), cfg.to_yaml().encode())
-    meta = {"num_classes": num_classes, "model": cfg.model.kind, "metrics": metrics or {}}
+    # provenance (MLflow run id, run directory) lets a later run that starts from this export say so
+    meta = {"num_classes": num_classes, "model": cfg.model.kind, "metrics": metrics or {}, **(provenance or {})}
     storage.write_bytes(storage.join(url, "meta.json"), json.dumps(meta, indent=1).encode())
 
 
 def build_model_from_config(cfg: Config, num_classes: int) -> torch.nn.Module:
+    """The model of ``cfg.model``; ``model.pretrained`` may be a weights file or an earlier run's export,
+    of which only the trunk is loaded (:func:`load_pretrained_trunk`)."""
     from sta_model.model import build_model
 
     m = cfg.model
-    kw: dict[str, Any] = dict(trunk=m.trunk, embed_dim=m.embed_dim, pretrained=m.pretrained,
+    export = m.pretrained if m.pretrained and is_export(m.pretrained) else None
+    kw: dict[str, Any] = dict(trunk=m.trunk, embed_dim=m.embed_dim, pretrained=None if export else m.pretrained,
                               last_stride=m.last_stride, channels_last=m.channels_last)
     if m.kind == "sta":
-        kw.update(num_blocks=m.num_blocks, fusion=tuple(m.fusion))
-    return build_model(m.kind, num_classes, **kw)
+        kw.update(num_blocks=m.num_blocks, fusion=tuple(m.fusion), attention_map=m.attention_map)
+    model = build_model(m.kind, num_classes, **kw)
+    if export:
+        load_pretrained_trunk(model.trunk, export, trunk_kind=m.trunk)
+    return model
+
+
+def is_export(url: str) -> bool:
+    """Whether ``url`` is an exported model directory (``final/`` or ``best/`` of a run)."""
+    try:
+        return storage.exists(storage.join(url, "model.pt")) and storage.exists(storage.join(url, "meta.json"))
+    except (OSError, ValueError):
+        return False
+
+
+def export_trunk_state(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(trunk state_dict, info)`` of an exported run: the ``trunk.*`` weights with the prefix removed,
+    and ``info`` = the export's trunk kind, last stride, MLflow run id and run directory."""
+    raw = yaml.safe_load(storage.read_bytes(storage.join(url, "config.yaml"))) or {}
+    meta = json.loads(storage.read_bytes(storage.join(url, "meta.json")))
+    try:
+        state = torch.load(io.BytesIO(storage.read_bytes(storage.join(url, "model.pt"))), map_location="cpu",
+                           weights_only=True)
+    except Exception as exc:  # torch's message advises weights_only=False: never pass that on
+        raise ValueError(f"model.pretrained: {url}/model.pt is not a plain state_dict "
+                         f"({type(exc).__name__})") from None
+    model_cfg = raw.get("model", {}) if isinstance(raw, dict) else {}
+    info = {"trunk": model_cfg.get("trunk"), "last_stride": model_cfg.get("last_stride"),
+            "mlflow_run_id": meta.get("mlflow_run_id"), "run_dir": meta.get("run_dir"), "source": url}
+    trunk = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}
+    return trunk, info
+
+
+def trunk_mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> Optional[str]:
+    """None when ``got`` loads into a trunk whose state is ``expected`` (names and shapes), else why not."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(got) if tuple(expected[k].shape) != tuple(got[k].shape))
+    if not (missing or unexpected or shapes):
+        return None
+    show = lambda keys: f"{len(keys)} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"  # noqa: E731
+    parts = [f"missing keys {show(missing)}" if missing else "", f"unexpected keys {show(unexpected)}" if unexpected else "",
+             "shape mismatch " + ", ".join(f"{k} {tuple(got[k].shape)} vs {tuple(expected[k].shape)}"
+                                           for k in shapes[:3]) if shapes else ""]
+    return "; ".join(p for p in parts if p)
+
+
+def load_pretrained_trunk(trunk: torch.nn.Module, url: str, *, trunk_kind: str) -> dict[str, Any]:
+    """Load an exported run's trunk weights into ``trunk``; returns the export's info (see
+    :func:`export_trunk_state`). A mismatch raises ``ValueError`` naming the keys and both trunk kinds."""
+    state, info = export_trunk_state(url)
+    why = trunk_mismatch(trunk.state_dict(), state)
+    if why:
+        raise ValueError(f"model.pretrained: the trunk of {url} (model.trunk={info['trunk']}, "
+                         f"last_stride={info['last_stride']}) does not fit model.trunk={trunk_kind}: {why}")
+    trunk.load_state_dict(state, strict=True)
+    return info
+
+
+def check_pretrained(cfg: Config) -> Optional[dict[str, Any]]:
+    """Driver-side check of ``model.pretrained`` before Ray starts (a ``ConfigError`` naming the key).
+
+    Returns the export's info for an export, ``None`` for a weights file or no pretraining. The trunk
+    is built on the meta device: names and shapes only, no weights allocated.
+    """
+    from sta_model.backbone import build_trunk
+
+    src = cfg.model.pretrained
+    if not src:
+        return None
+    if src.startswith(("http://", "https://")):
+        return None  # fetched by torch.hub in the workers
+    if is_export(src):
+        try:
+            state, info = export_trunk_state(src)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        with torch.device("meta"):
+            expected = build_trunk(cfg.model.trunk, last_stride=cfg.model.last_stride).state_dict()
+        why = trunk_mismatch(expected, state)
+        if why:
+            raise ConfigError(f"model.pretrained: the trunk of {src} (model.trunk={info['trunk']}) does not fit "
+                              f"model.trunk={cfg.model.trunk}: {why}")
+        return info
+    if storage.is_s3(src):
+        ok = storage.exists(src)
+    else:
+        ok = Path(src[len("file://"):] if src.startswith("file://") else src).is_file()
+    if not ok:
+        raise ConfigError(f"model.pretrained: {src} is neither a weights file nor a run export "
+                          f"(<run>/final or <run>/best holding model.pt and meta.json)")
+    return None
 
 
 def load_exported(url: str) -> tuple[torch.nn.Module, Config, dict[str, Any]]:

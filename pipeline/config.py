@@ -22,6 +22,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile
 OPTIMIZERS = ("adam", "adamw", "sgd")
 FUSIONS = ("max", "avg")
+ATTENTION_MAPS = ("energy", "l2")
 
 
 class ConfigError(ValueError):
@@ -77,11 +78,14 @@ class DataConfig:
 class ModelConfig:
     kind: str = "sta"
     trunk: str = "resnet50"
-    pretrained: Optional[str] = None  # local path or URL of an ImageNet state_dict (torchvision layout)
+    # trunk weights: an ImageNet state_dict (torchvision layout; path or URL), or an earlier run's export
+    # (<run>/final or <run>/best, local or s3://), of which only the trunk is loaded
+    pretrained: Optional[str] = None
     last_stride: int = 1
     num_blocks: int = 4  # K horizontal stripes
     embed_dim: int = 1024
     fusion: list[str] = field(default_factory=lambda: ["max", "avg"])
+    attention_map: str = "energy"  # STA spatial map: "energy" (sum_c f^2, paper) or "l2" (its sqrt, AGRL)
     # Frames enter the trunk as NHWC (channels_last): cuDNN's fastest conv layout with bf16/fp16
     # tensor cores; the GPU recipes (mars.yaml, dukev.yaml) set it, CPU runs gain nothing from it.
     channels_last: bool = False
@@ -374,6 +378,8 @@ def validate(cfg: Config) -> Config:
     need(m.embed_dim >= 1, "model.embed_dim", "must be >= 1")
     need(bool(m.fusion) and all(f in FUSIONS for f in m.fusion) and len(set(m.fusion)) == len(m.fusion),
          "model.fusion", f"a non-empty subset of {FUSIONS}, got {m.fusion}")
+    need(m.attention_map in ATTENTION_MAPS, "model.attention_map",
+         f"must be one of {ATTENTION_MAPS}, got {m.attention_map!r}")
     need(m.compile_mode in COMPILE_MODES, "model.compile_mode", f"must be one of {COMPILE_MODES}, got {m.compile_mode!r}")
     stride = _trunk_stride(m.trunk, m.last_stride)
     need(d.height % stride == 0 and d.width % stride == 0, "data.height",

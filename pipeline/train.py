@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline.checkpoint import check_pretrained
 from pipeline.config import Config, ConfigError, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic.yaml"
@@ -198,6 +199,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             if rn:
                 storage_path, run_name = rp, rn
         manifest = prepare_data(cfg)
+        check_pretrained(cfg)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

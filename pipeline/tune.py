@@ -299,6 +299,7 @@ def run_search(spec: TuneSpec, *, resume: Optional[bool] = None, address: Option
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from pipeline import tracking
+    from pipeline.checkpoint import check_pretrained
     from pipeline.train import prepare_data
 
     s = spec.tune
@@ -307,6 +308,7 @@ def run_search(spec: TuneSpec, *, resume: Optional[bool] = None, address: Option
     spec.base.tracking.uri = uri
     absolute_paths(spec.base)  # trial drivers and workers run in other directories
     prepare_data(spec.base)  # once, before trials race to generate the same synthetic set
+    check_pretrained(spec.base)
     ray_path, fs, exp_url = experiment_location(spec)
     can_restore = tune.Tuner.can_restore(ray_path, storage_filesystem=fs)
     if resume and not can_restore:

@@ -30,7 +30,7 @@ log = logging.getLogger("pipeline.worker")
 
 LOSS_KEYS = ("total", "triplet", "ce", "reg")
 # Epoch metrics drawn in curves.png, grouped into panels by the prefix before "/".
-CURVES = {**{f"loss_{k}": f"loss/{k}" for k in LOSS_KEYS}, "lr": "lr/lr", "clips_per_s": "throughput/clips_per_s",
+CURVES = {**{f"loss_{k}": f"loss/{k}" for k in LOSS_KEYS}, "reg_share": "loss/reg_share", "lr": "lr/lr", "clips_per_s": "throughput/clips_per_s",
           "mAP": "eval/mAP", "rank1": "eval/rank1", "rr_mAP": "eval/rr_mAP", "rr_rank1": "eval/rr_rank1"}
 
 
@@ -106,6 +106,8 @@ def run_epoch(engine, batches: Iterable[dict], cfg: Config, *, dtype: torch.dtyp
     n_batches, n_clips, n_frames, skipped = counters.tolist()
     elapsed, data_time = timing.tolist()
     out = {f"loss_{k}": v for k, v in zip(LOSS_KEYS, means.tolist())}
+    # The weighted Reg term's share of the objective: at small lambda it is ~1e-5, i.e. off in practice.
+    out["reg_share"] = cfg.loss.lambda_reg * out["loss_reg"] / out["loss_total"] if out["loss_total"] else 0.0
     out.update(epoch_time_s=elapsed, data_wait_s=data_time, clips_per_s=n_clips / elapsed,
                frames_per_s=n_frames / elapsed, skipped_samples=int(skipped), batches=int(n_batches),
                lr=engine.get_lr()[0])
@@ -206,7 +208,8 @@ def attention_clips(model: torch.nn.Module, clips: torch.Tensor):
     B, N = clips.shape[:2]
     with torch.no_grad():
         f = model.trunk(clips.flatten(0, 1))
-        g, S = spatial_temporal_attention(f.reshape(B, N, *f.shape[1:]).float(), model.num_blocks)
+        g, S = spatial_temporal_attention(f.reshape(B, N, *f.shape[1:]).float(), model.num_blocks,
+                                          attention_map=getattr(model, "attention_map", "energy"))
     return g, S
 
 
@@ -280,7 +283,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         run_id = tracker.start(cfg, run_id=meta.get("mlflow_run_id"),
                                parent_run_id=loop_config.get("parent_run_id"),
                                extra_tags={"precision": precision, "world_size": str(world),
-                                           "num_nodes": str(num_nodes)})
+                                           "num_nodes": str(num_nodes), **pretrained_tags(cfg)})
         meta["mlflow_run_id"] = run_id
         if new_run:
             tracker.log_params(cfg)
@@ -338,7 +341,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 state = ckpt_lib.full_state_dict(engine)  # collective under ZeRO-3
                 if rank == 0:
                     ckpt_lib.export_model(state, cfg, f"{run_dir}/best", num_classes=num_classes,
-                                          metrics={k: v for k, v in metrics.items() if isinstance(v, float)})
+                                          metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
+                                          provenance={"mlflow_run_id": meta["mlflow_run_id"], "run_dir": run_dir})
             if tracker is not None:
                 tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, epoch + 1)
                 for k, v in metrics.items():
@@ -361,10 +365,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state = ckpt_lib.full_state_dict(engine)
     if rank == 0:
         final_metrics = {k: v for k, v in last_eval.items() if isinstance(v, float)}
-        ckpt_lib.export_model(state, cfg, f"{run_dir}/final", num_classes=num_classes, metrics=final_metrics)
+        ckpt_lib.export_model(state, cfg, f"{run_dir}/final", num_classes=num_classes, metrics=final_metrics,
+                              provenance={"mlflow_run_id": meta["mlflow_run_id"], "run_dir": run_dir})
         if tracker is not None:
             _final_artifacts(tracker, cfg, state, num_classes, last_eval, history)
             tracker.end("FINISHED")
+
+
+def pretrained_tags(cfg: Config) -> dict[str, str]:
+    """MLflow tags naming where the trunk came from when ``model.pretrained`` is an earlier run's export."""
+    src = cfg.model.pretrained
+    if not src or not ckpt_lib.is_export(src):
+        return {}
+    _, info = ckpt_lib.export_trunk_state(src)
+    tags = {"pretrained.source": src, "pretrained.trunk": str(info["trunk"])}
+    if info.get("mlflow_run_id"):
+        tags["pretrained.source_run_id"] = str(info["mlflow_run_id"])
+    if info.get("run_dir"):
+        tags["pretrained.source_run_dir"] = str(info["run_dir"])
+    return tags
 
 
 def storage_run_dir(ctx) -> str:

@@ -12,6 +12,11 @@ import torch
 
 EPS = 1e-12
 FUSION_MODES = ("max", "avg")
+# How a frame's spatial map is read from its features (both normalised to sum to 1 over positions):
+# "energy" is the transcribed paper equation, sum_c f^2; "l2" is its square root, the channel l2 norm
+# that the public re-implementation (AGRL.pytorch) uses. l2 is flatter, so one bright occluder
+# position takes a smaller share of the map.
+ATTENTION_MAPS = ("energy", "l2")
 
 
 def _check_feats(feats: torch.Tensor, num_blocks: int) -> None:
@@ -29,13 +34,22 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def spatial_temporal_attention(feats: torch.Tensor, num_blocks: int, eps: float = EPS):
+def spatial_temporal_attention(feats: torch.Tensor, num_blocks: int, eps: float = EPS,
+                                attention_map: str = "energy"):
     """Spatial maps and frame-normalised stripe scores (paper eq. 1 and steps 2-4).
 
     Args:
         feats (torch.Tensor): ``(B, N, C, H, W)`` frame feature maps.
         num_blocks (int): number K of horizontal stripes; must divide H.
         eps (float): guard for all-zero frames/stripes.
+        attention_map (str): ``"energy"`` (``sum_c f^2``, the paper's equation as transcribed) or
+            ``"l2"`` (``sqrt(sum_c f^2)``, AGRL.pytorch's reading), normalised over positions.
+
+    Examples::
+
+        >>> g, S = spatial_temporal_attention(torch.rand(2, 4, 8, 8, 4), num_blocks=4, attention_map="l2")
+        >>> g.shape, S.shape
+        (torch.Size([2, 4, 8, 4]), torch.Size([2, 4, 4]))
 
     Returns:
         tuple: ``g`` ``(B, N, H, W)``, each frame's map summing to 1 over positions (0 for an
@@ -43,8 +57,13 @@ def spatial_temporal_attention(feats: torch.Tensor, num_blocks: int, eps: float 
         (uniform 1/N where every frame is zero in that stripe). Both in float32 or float64.
     """
     _check_feats(feats, num_blocks)
+    if attention_map not in ATTENTION_MAPS:
+        raise ValueError(f"attention_map must be one of {ATTENTION_MAPS}, got {attention_map!r}")
     B, N, C, H, W = feats.shape
     energy = _upcast(feats).pow(2).sum(2)  # (B, N, H, W)
+    if attention_map == "l2":
+        # sqrt has an infinite slope at 0: the clamp keeps dead positions' gradient finite.
+        energy = energy.clamp_min(eps * eps).sqrt()
     g = energy / energy.sum((2, 3), keepdim=True).clamp_min(eps)
     s = g.reshape(B, N, num_blocks, (H // num_blocks) * W).sum(3)  # (B, N, K)
     # eps in numerator and denominator: exact ratio for normal inputs, uniform 1/N for dead stripes.

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .attention import FUSION_MODES, fuse, inter_frame_regularization, spatial_temporal_attention
+from .attention import ATTENTION_MAPS, FUSION_MODES, fuse, inter_frame_regularization, spatial_temporal_attention
 from .backbone import build_trunk
 
 
@@ -68,6 +68,8 @@ class STA(nn.Module):
         fusion (sequence of str): fused maps to concatenate, ``("max", "avg")`` in the paper.
         channels_last (bool): feed the trunk NHWC (``torch.channels_last``) frames, the fast conv
             layout for half-precision tensor cores; same outputs (module docstring).
+        attention_map (str): ``"energy"`` (paper equation) or ``"l2"`` (AGRL.pytorch), see
+            :func:`~sta_model.attention.spatial_temporal_attention`.
 
     Input ``(B, N, 3, H, W)`` with any N >= 1. Train mode returns a dict with ``logits (B, P)``,
     ``embedding (B, D)`` (post-BN), ``features (B, D)`` (pre-BN, for the triplet loss),
@@ -77,9 +79,12 @@ class STA(nn.Module):
 
     def __init__(self, num_classes: int, trunk: str = "resnet50", num_blocks: int = 4, embed_dim: int = 1024,
                  pretrained: str | None = None, last_stride: int = 1, fusion: Sequence[str] = FUSION_MODES,
-                 channels_last: bool = False):
+                 channels_last: bool = False, attention_map: str = "energy"):
         super().__init__()
         fusion = tuple(fusion)
+        if attention_map not in ATTENTION_MAPS:
+            raise ValueError(f"attention_map must be one of {ATTENTION_MAPS}, got {attention_map!r}")
+        self.attention_map = attention_map
         if not fusion or any(m not in FUSION_MODES for m in fusion) or len(set(fusion)) != len(fusion):
             raise ValueError(f"fusion must be a non-empty subset of {FUSION_MODES}, got {fusion}")
         self.trunk = build_trunk(trunk, last_stride=last_stride, pretrained=pretrained)
@@ -90,7 +95,7 @@ class STA(nn.Module):
 
     def forward(self, clips: torch.Tensor):
         feats = _frame_features(self.trunk, clips, self.channels_last)
-        g, S = spatial_temporal_attention(feats, self.num_blocks)
+        g, S = spatial_temporal_attention(feats, self.num_blocks, attention_map=self.attention_map)
         x = fuse(feats, S, self.num_blocks, self.fusion).mean((2, 3))
         features, embedding, logits = self.head(x)
         if not self.training:
@@ -123,7 +128,7 @@ class TemporalPooling(nn.Module):
 
 
 MODELS = {"sta": STA, "temporal_pooling": TemporalPooling}
-_STA_ONLY = ("num_blocks", "fusion")
+_STA_ONLY = ("num_blocks", "fusion", "attention_map")
 
 
 def build_model(kind: str, num_classes: int, **kw) -> nn.Module:
