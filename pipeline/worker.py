@@ -35,10 +35,12 @@ CURVES = {**{f"loss_{k}": f"loss/{k}" for k in LOSS_KEYS}, "reg_share": "loss/re
 
 
 def batches_per_epoch(cfg: Config, num_train_ids: int, world_size: int) -> int:
-    """Per-rank batches in one epoch: configured, or one pass over the identities (paper's epochs)."""
+    """Optimiser steps in one epoch: configured, or one pass over the identities with the global
+    batch of ``data.p`` identities (every rank takes ``p / world_size`` of them each step), so a
+    recipe has the same number of steps, and LR schedule, on 1 or 64 GPUs."""
     if cfg.data.batches_per_epoch:
         return cfg.data.batches_per_epoch
-    return max(1, math.ceil(num_train_ids / (cfg.data.p * world_size)))
+    return max(1, math.ceil(num_train_ids / cfg.data.p))
 
 
 def train_step(engine, batch: dict, cfg: Config, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
@@ -50,7 +52,8 @@ def train_step(engine, batch: dict, cfg: Config, dtype: torch.dtype, device: tor
     out = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in out.items()}
     L = cfg.loss
     losses = combined_loss(out, pids, w_tri=L.w_tri, w_ce=L.w_ce, lambda_reg=L.lambda_reg, margin=L.margin,
-                           soft_margin=L.soft_margin, label_smoothing=L.label_smoothing)
+                           soft_margin=L.soft_margin, label_smoothing=L.label_smoothing,
+                           global_batch=dist.is_initialized() and dist.get_world_size() > 1)
     engine.backward(losses["total"])
     engine.step()
     return {k: v.detach() for k, v in losses.items()}
@@ -300,7 +303,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     last_eval: dict[str, Any] = {}
 
     def make_loader(epoch: int):
-        return train_loader(cfg.data.shards, clip_len=cfg.data.clip_len, p=cfg.data.p, k=cfg.data.k,
+        return train_loader(cfg.data.shards, clip_len=cfg.data.clip_len, p=cfg.data.p // world, k=cfg.data.k,
                             height=cfg.data.height, width=cfg.data.width, batches_per_epoch=steps,
                             epoch=epoch, seed=cfg.seed, rank=rank, world_size=world,
                             num_workers=cfg.data.num_workers, hflip=cfg.data.hflip,

@@ -1,17 +1,32 @@
 #!/usr/bin/env bash
-# The STA ablation in miniature: grid sweeps through `python -m pipeline.tune`, then docs/ablation.md.
-#   scripts/ablation.sh                 # all sweeps (model variants first), then the report
+# The STA ablation in miniature, all through `python -m pipeline.tune` (grid mode), then docs/ablation.md.
+#   scripts/ablation.sh                 # pretraining (if absent), all sweeps, then the report
 #   scripts/ablation.sh variants        # only the named sweeps (configs/ablation/<name>.yaml)
-# Outputs (data, checkpoints, MLflow store) stay under the git-ignored data/ablation and runs/ablation;
-# a finished sweep is restored from runs/ablation/<name>, not re-run.
+# Order: the pretraining run (configs/pretrain-synthetic.yaml) makes the trunk every run starts from;
+# the lambda_reg sweep runs next and its best lambda (mean mAP over its seeds) is passed to every later
+# sweep as loss.lambda_reg, which run on fresh seeds. Outputs (data, checkpoints, MLflow store) stay under
+# the git-ignored data/ and runs/; a finished sweep is restored from runs/ablation/<name>, not re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0
 sweeps=("$@")
-[ ${#sweeps[@]} -gt 0 ] || sweeps=(variants clip_len stripes lambda_reg)
-mkdir -p runs/ablation
+[ ${#sweeps[@]} -gt 0 ] || sweeps=(lambda_reg variants scratch clip_len stripes)
+mkdir -p runs/ablation runs/pretrain
+if [ ! -f runs/pretrain/pretrain-synthetic/final/meta.json ]; then
+  echo "== pretraining the trunk (configs/pretrain-synthetic.yaml)"
+  .venv/bin/python -m pipeline.train --config configs/pretrain-synthetic.yaml > runs/pretrain/train.log 2>&1 \
+    || { tail -20 runs/pretrain/train.log; exit 1; }
+  grep -A8 "^== STA training finished" runs/pretrain/train.log || true
+fi
+lam=""
 for s in "${sweeps[@]}"; do
-  echo "== sweep $s"
-  .venv/bin/python -m pipeline.tune --config "configs/ablation/$s.yaml" 2>&1 | tee "runs/ablation/$s.log" | grep -E "^(==|   |search|restoring)" || true
+  extra=()
+  if [ "$s" != lambda_reg ]; then
+    [ -n "$lam" ] || lam=$(.venv/bin/python bench/ablation.py --choose-lambda)
+    extra=("loss.lambda_reg=$lam")
+  fi
+  echo "== sweep $s ${extra[*]}"
+  .venv/bin/python -m pipeline.tune --config "configs/ablation/$s.yaml" "${extra[@]}" 2>&1 \
+    | tee "runs/ablation/$s.log" | grep -E "^(==|   |search|restoring)" || true
 done
 .venv/bin/python bench/ablation.py

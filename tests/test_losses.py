@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from sta_model.losses import combined_loss, cross_entropy, triplet_loss
+from sta_model.losses import combined_loss, cross_entropy, gather_rows, triplet_loss
 
 
 def _points():
@@ -85,3 +85,105 @@ def test_triplet_zero_when_well_separated(soft):
     x = torch.tensor([[0.0], [0.01], [10.0], [10.01]])
     loss = triplet_loss(x, torch.tensor([0, 0, 1, 1]), soft_margin=soft)
     assert loss.item() < (1e-4 if soft else 1e-12)
+
+
+# --------------------------------------------------------------------------- global batch over ranks
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_batch_rank(rank: int, world: int, port: int, sizes: list, out_dir: str) -> None:
+    """One rank: its slice of the global batch through a shared linear layer, the combined loss over
+    the gathered batch, backward, and the data-parallel gradient average (what DeepSpeed does)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        x, pids, layer = _global_batch_inputs()
+        lo = sum(sizes[:rank])
+        sl = slice(lo, lo + sizes[rank])
+        feats = layer(x[sl])
+        out = {"features": feats, "logits": feats[:, :4], "reg": None}
+        losses = combined_loss(out, pids[sl], global_batch=True)
+        losses["total"].backward()
+        for p in layer.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        torch.save({"losses": {k: v.detach() for k, v in losses.items()},
+                    "grads": [p.grad for p in layer.parameters()]}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _global_batch_inputs():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 8, generator=g)
+    pids = torch.arange(4).repeat_interleave(4)[torch.randperm(16, generator=g)]
+    layer = torch.nn.Linear(8, 6)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(6, 8, generator=g))
+        layer.bias.copy_(torch.randn(6, generator=g))
+    return x, pids, layer
+
+
+@pytest.mark.parametrize("sizes", [[8, 8], [10, 6]])
+def test_two_rank_step_equals_one_rank_step_on_the_same_global_batch(tmp_path, sizes):
+    """Batch-hard mining over the gathered global batch: the triplet term, and after the gradient
+    average the parameter gradients, equal one process holding the whole batch (up to float error).
+    CE is a per-sample mean, so it is global once the ranks hold equal shares (the [8, 8] case)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_global_batch_rank, args=(2, _free_port(), sizes, str(tmp_path)), nprocs=2, join=True)
+    x, pids, layer = _global_batch_inputs()
+    feats = layer(x)
+    ref = combined_loss({"features": feats, "logits": feats[:, :4], "reg": None}, pids)
+    ref["total"].backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["losses"]["triplet"], ref["triplet"].detach())
+        if sizes[0] == sizes[1]:
+            for g, p in zip(got["grads"], layer.parameters()):
+                torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_two_rank_triplet_gradient_equals_one_rank_without_ce(tmp_path):
+    """Unequal shares: the triplet gradient alone still equals the single-process one."""
+    import torch.multiprocessing as mp
+
+    sizes = [11, 5]
+    mp.spawn(_triplet_only_rank, args=(2, _free_port(), sizes, str(tmp_path)), nprocs=2, join=True)
+    x, pids, layer = _global_batch_inputs()
+    triplet_loss(layer(x), pids).backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for g, p in zip(got["grads"], layer.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
+
+
+def _triplet_only_rank(rank: int, world: int, port: int, sizes: list, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from sta_model.losses import gather_rows
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        x, pids, layer = _global_batch_inputs()
+        lo = sum(sizes[:rank])
+        sl = slice(lo, lo + sizes[rank])
+        triplet_loss(gather_rows(layer(x[sl])), gather_rows(pids[sl])).backward()
+        for p in layer.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        torch.save({"grads": [p.grad for p in layer.parameters()]}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_rows_is_identity_without_a_process_group():
+    x = torch.randn(3, 2)
+    assert gather_rows(x) is x
