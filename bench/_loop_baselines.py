@@ -105,3 +105,77 @@ def re_ranking_loop(q_feat, g_feat, k1=20, k2=6, lambda_value=0.3):
     final_dist = jaccard_dist * (1 - lambda_value) + original_dist * lambda_value
     del original_dist, V, jaccard_dist
     return final_dist[:query_num, query_num:]
+
+
+def wds_stock_loader(shard_urls, *, clip_len: int, p: int, k: int, height: int, width: int, batches: int,
+                     seed: int = 0, num_workers: int = 1):
+    """The training stream as a user would write it with the stock ``webdataset`` library, after
+    open_clip's ``get_wds_dataset``: shard list -> seeded shuffle per pass -> split by node -> split
+    by worker -> ``tarfile_to_samples`` -> restricted sampling of ``clip_len`` frames and decode of
+    only those (``transforms.decode_into``, the stream's own decoder, so the row compares the
+    plumbing) -> a pool of 4P identities -> P x K batches of uint8 ``(P*K, N, H, W, 3)`` clips.
+    A persistent ``WebLoader``: each ``iter()`` is one epoch of ``batches`` batches per worker.
+
+    Args:
+        shard_urls: local paths of the train shards.
+        clip_len, p, k, height, width: clip length, identities and tracklets per batch, frame size.
+        batches: batches per epoch (per worker).
+        seed: shuffle and sampling seed.
+        num_workers: loader processes.
+    """
+    import json
+    import random
+
+    import webdataset as wds
+
+    from pipeline.transforms import decode_into, frame_buffer, restricted_indices
+
+    class Passes(wds.PipelineStage):
+        """Every shard once per pass, reshuffled per (seed, epoch, pass); passes repeat so a worker
+        never runs dry (``with_epoch`` cuts the epoch). Each ``iter()`` is the next epoch."""
+
+        def __init__(self):
+            self.epoch = -1
+
+        def run(self):
+            self.epoch += 1
+            for rnd in range(1 << 30):
+                urls = list(shard_urls)
+                random.Random(f"{seed}/{self.epoch}/{rnd}").shuffle(urls)
+                yield from (dict(url=u) for u in urls)
+
+    def clips(src):
+        rng = np.random.default_rng(seed)
+        for s in src:
+            meta = json.loads(s["json"])
+            frames = sorted(key for key in s if key.endswith(".jpg"))
+            flip = rng.random() < 0.5
+            out = np.empty((clip_len, height, width, 3), np.uint8)
+            for n, i in enumerate(restricted_indices(len(frames), clip_len, rng)):
+                decode_into(s[frames[i]], out[n], flip)
+            yield meta["pid"], meta["camid"], out
+
+    def pk_batches(src):
+        rnd = random.Random(seed)
+        pool: dict[int, list] = {}
+        for pid, camid, clip in src:
+            pool.setdefault(pid, []).append((camid, clip))
+            ready = [q for q, v in pool.items() if len(v) >= k]
+            if len(ready) < 4 * p:
+                continue
+            chosen = rnd.sample(ready, p)
+            out = frame_buffer((p * k, clip_len, height, width, 3))
+            arr, pids, camids = out.numpy(), np.empty(p * k, np.int64), np.empty(p * k, np.int64)
+            for j, q in enumerate(chosen):
+                for i in range(k):
+                    camids[j * k + i], arr[j * k + i] = pool[q].pop()
+                    pids[j * k + i] = q
+                if not pool[q]:
+                    del pool[q]
+            yield {"clips": out, "pids": torch.from_numpy(pids), "camids": torch.from_numpy(camids),
+                   "skipped": 0}
+
+    ds = wds.DataPipeline(Passes(), wds.split_by_node, wds.split_by_worker,
+                          wds.tarfile_to_samples(handler=wds.warn_and_continue), clips, pk_batches)
+    ds = ds.with_epoch(batches)
+    return wds.WebLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)

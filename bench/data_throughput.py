@@ -15,6 +15,10 @@ clip-consistent flip, resize to the target size and ImageNet normalisation, P x 
   nvJPEG's. Same output as ``stream_local_u8``;
 * ``stream_s3``    -- ``stream_local_u8`` over moto's S3 server on 127.0.0.1 (``--s3``; the server runs in a
   thread of this process, so its CPU counts as the measuring process's);
+* ``wds_stock``    -- the same training stream written with the stock ``webdataset`` library
+  (``bench/_loop_baselines.wds_stock_loader``: open_clip's ``get_wds_dataset`` pattern with
+  ``tarfile_to_samples``, restricted sampling, decode of only the sampled frames by the stream's own
+  decoder, a 4P-identity pool and P x K batches; a persistent ``WebLoader``): the library peer row;
 * ``per_file``     -- map-style Dataset whose ``__getitem__`` opens each sampled JPEG file with PIL
   (``Image.open(path).convert("RGB")``, resize, flip, per-frame ToTensor + Normalize, stack),
   torchreid's RandomIdentitySampler for P x K, default collate;
@@ -78,6 +82,9 @@ from pipeline import storage  # noqa: E402
 from pipeline.datasets import load_dataset  # noqa: E402
 from pipeline.stream import IMAGENET_MEAN, IMAGENET_STD, train_loader  # noqa: E402
 from pipeline.transforms import frame_buffer, restricted_sample  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _loop_baselines import wds_stock_loader  # noqa: E402
 
 
 # --------------------------------------------------------------------------- per-file baseline
@@ -258,6 +265,9 @@ def main(argv=None) -> int:
         "stream_local_jpeg": lambda: train_loader(shards_url, epoch=0, normalize=False, decode="device",
                                                   device="cpu", persistent=True, **common),
     }
+    train_shards = [os.path.join(shards_url, sh["name"]) for sh in man["splits"]["train"]["shards"]]
+    persistent["wds_stock"] = lambda: wds_stock_loader(train_shards, clip_len=N, p=P, k=K, height=H, width=W,
+                                                       batches=B, seed=0, num_workers=nw)
     cases = {
         "stream_local_u8_fresh": lambda r: train_loader(shards_url, epoch=r + 1, normalize=False, **common),
         "per_file": lambda r: DataLoader(
@@ -347,7 +357,8 @@ def main(argv=None) -> int:
                                       "before_after_frames_per_s": [n / t0, n / t1]})
     finally:
         for loader in loaders.values():
-            loader.close()
+            if hasattr(loader, "close"):  # the stock WebLoader's workers go with it
+                loader.close()
         if server is not None:
             server.terminate()
             server.wait()
@@ -376,7 +387,7 @@ def main(argv=None) -> int:
     # process vs. of the decode loop): the per-core efficiency, much less sensitive to other load.
     ratios = {}
     for name in ("stream_local", "stream_local_u8", "stream_local_u8_fresh", "stream_local_jpeg", "stream_s3",
-                 "stream_s3_cached"):
+                 "stream_s3_cached", "wds_stock"):
         if name in summary:
             ratios[f"{name}_vs_per_file"] = per_repeat(name, "per_file")
             ratios[f"{name}_vs_raw_decode"] = per_repeat(name, "raw_decode")
@@ -399,6 +410,8 @@ def main(argv=None) -> int:
     ratios["raw_decode_batches_vs_raw_decode"] = per_repeat("raw_decode_batches", "raw_decode")
     ratios["stream_local_u8_vs_raw_decode_batches"] = per_repeat("stream_local_u8", "raw_decode_batches")
     ratios["stream_local_u8_vs_raw_decode_aligned"] = per_repeat("stream_local_u8", "raw_decode_aligned")
+    ratios["stream_local_u8_vs_wds_stock"] = per_repeat("stream_local_u8", "wds_stock")
+    ratios["stream_local_u8_vs_wds_stock_cpu"] = per_repeat("stream_local_u8", "wds_stock", "frames_per_cpu_s")
     for name, v in summary.items():
         if "server_cpu_s" in v:
             print(f"{name}: S3 server (its own process) {v['server_cpu_s']:.2f} CPU-s per epoch, "

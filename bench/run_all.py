@@ -142,6 +142,13 @@ def _rows(name: str, res: dict) -> list[str]:
                   "raw_decode_aligned_vs_raw_decode": ("raw decode (libjpeg-turbo) into a 64-byte-aligned array "
                                                        "(non-temporal stores)", "the same into a frame_buffer", "-", None),
                   "per_file_vs_raw_decode_cpu": ("per-file loader, per CPU-s", raw_cpu, "-", None)}
+        wds = "stock webdataset pipeline (tarfile_to_samples, sampled frames decoded, P x K)"
+        for key, base in (("per_file", pf), ("raw_decode", raw), ("raw_decode_pil", "raw decode with PIL, 1 core"),
+                          ("raw_decode_steady", raw), ("per_file_cpu", pf_cpu), ("raw_decode_cpu", raw_cpu),
+                          ("first_epoch_vs_raw_decode", raw)):
+            labels[f"wds_stock_{key}" if key.startswith("first") else f"wds_stock_vs_{key}"] = (wds, base, "-", None)
+        labels["stream_local_u8_vs_wds_stock"] = (u8, wds, "-", None)
+        labels["stream_local_u8_vs_wds_stock_cpu"] = (f"{u8}, frames per CPU-s", f"{wds}, per CPU-s", "-", None)
         # absolute rates on the headline rows (medians over the repeats)
         sm = res.get("summary", {})
         rate = lambda c: f" ({sm[c]['frames_per_s']:.0f} frames/s, {sm[c]['clips_per_s']:.0f} clips/s)"  # noqa: E731
