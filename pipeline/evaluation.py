@@ -75,13 +75,24 @@ def extract(forward: Callable[[torch.Tensor], torch.Tensor], cfg: Config, split:
     return SplitFeatures(feats, meta[0].cpu().numpy(), meta[1].cpu().numpy(), int(skipped))
 
 
+def skipped_queries(q: SplitFeatures, g: SplitFeatures) -> int:
+    """Queries left out of CMC/mAP because no gallery tracklet of their identity was seen by another
+    camera (torchreid's protocol: same-pid same-camera gallery entries are removed per query).
+
+    MARS has 140 of 1,980 such queries under this protocol; the official MARS evaluation code keeps
+    them in its own way, so the two protocols' numbers are not comparable like for like.
+    """
+    match = (q.pids[:, None] == g.pids[None, :]) & (q.camids[:, None] != g.camids[None, :])
+    return int((~match.any(1)).sum())
+
+
 def score(q: SplitFeatures, g: SplitFeatures, *, rerank: bool = False, max_rank: int = 50,
           k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> dict:
     """Rank-k, mAP (fractions) and the CMC curve; with ``rerank`` also the k-reciprocal re-ranked ones."""
     distmat = euclidean_squared(q.feats, g.feats).numpy()
     max_rank = min(max_rank, distmat.shape[1])
     cmc, mAP = evaluate_rank(distmat, q.pids, g.pids, q.camids, g.camids, max_rank=max_rank)
-    out = {"mAP": float(mAP), "cmc": cmc}
+    out = {"mAP": float(mAP), "cmc": cmc, "skipped_queries": skipped_queries(q, g)}
     out.update({f"rank{r}": float(cmc[r - 1]) for r in RANKS if r <= len(cmc)})
     if rerank:
         from sta_model.rerank import re_ranking

@@ -221,6 +221,7 @@ def summarize(cfg: Config, result, manifest: dict, seconds: float) -> dict[str, 
     return {
         "rank1": m.get("rank1"), "mAP": m.get("mAP"), "rr_rank1": m.get("rr_rank1"), "rr_mAP": m.get("rr_mAP"),
         "epochs": m.get("epoch"), "global_step": m.get("global_step"), "skipped_samples": m.get("skipped_samples"),
+        "skipped_queries": m.get("skipped_queries"),
         "num_query": manifest["splits"]["query"]["num_tracklets"], "num_gallery": manifest["splits"]["gallery"]["num_tracklets"],
         "run_path": result.path, "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "mlflow_run_id": m.get("mlflow_run_id"), "tracking_uri": uri, "seconds": seconds,
@@ -234,6 +235,7 @@ def format_summary(s: dict[str, Any]) -> str:
         "",
         f"== STA training finished in {s['seconds'] / 60:.1f} min ({s['epochs']} epochs, {s['global_step']} steps)",
         f"   Rank-1 {pct(s['rank1'])}   mAP {pct(s['mAP'])}   ({s['num_query']} queries, {s['num_gallery']} gallery)",
+        f"   queries without a cross-camera true match (left out of Rank-k/mAP): {s.get('skipped_queries')}",
     ]
     if s.get("rr_mAP") is not None:
         lines.append(f"   re-ranked: Rank-1 {pct(s['rr_rank1'])}   mAP {pct(s['rr_mAP'])}")

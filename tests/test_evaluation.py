@@ -64,3 +64,14 @@ def test_score_ranks_and_rerank():
     assert out["rr_rank1"] == 1.0 and len(out["cmc"]) == 15
     table = format_table(out)
     assert "plain" in table and "re-ranked" in table and "100.0" in table
+
+
+def test_score_counts_queries_without_a_cross_camera_match():
+    """Query 0's only true match is in its own camera (removed by the protocol), query 1's true match
+    is in another camera, query 2's identity is not in the gallery at all: 2 queries skipped."""
+    feats = torch.eye(3, 4)
+    q = SplitFeatures(feats, np.array([0, 1, 2]), np.array([0, 0, 0]), 0)
+    g = SplitFeatures(torch.eye(4), np.array([0, 1, 1, 3]), np.array([0, 1, 0, 1]), 0)
+    out = score(q, g)
+    assert out["skipped_queries"] == 2
+    assert out["rank1"] == 1.0  # scored over query 1 alone
