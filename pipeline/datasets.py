@@ -138,8 +138,11 @@ def read_mars(root: str) -> Dataset:
 
 
 # --------------------------------------------------------------------------- DukeMTMC-VideoReID
-# new naming 0001_C6_F0099_X30823.jpg, old naming 0001C6F0099X30823.jpg
-_DUKE_NAME = re.compile(r"^(-?\d+)_?C(\d+)_?F(\d+)_?X(\d+)\.jpe?g$", re.IGNORECASE)
+# new naming 0001_C6_F0099_X30823.jpg, old naming 0001C6F0099X30823.jpg. As torchreid does, every JPEG of a
+# tracklet folder is a frame: the official set marks some frames differently (no _X part, other suffixes),
+# so only the camera (C) and frame number (F) are read, where the name has them.
+_DUKE_NAME = re.compile(r"^(-?\d+)_?C(\d+)(?:_?F(\d+))?", re.IGNORECASE)
+_JPEG = re.compile(r"\.jpe?g$", re.IGNORECASE)
 
 
 def _dukev_split(root: str, split: str, skipped: list[str]) -> list[Tracklet]:
@@ -161,14 +164,19 @@ def _dukev_split(root: str, split: str, skipped: list[str]) -> list[Tracklet]:
                 continue
             frames, cams = [], set()
             for name in os.listdir(tpath):
-                m = _DUKE_NAME.match(name)
-                if not m:
-                    skipped.append(f"{os.path.join(tpath, name)}: unexpected file name")
+                if not _JPEG.search(name):
+                    skipped.append(f"{os.path.join(tpath, name)}: not a JPEG frame")
                     continue
-                cams.add(int(m.group(2)))
-                frames.append((int(m.group(3)), name))
+                m = _DUKE_NAME.match(name)
+                if m:
+                    cams.add(int(m.group(2)))
+                # Frames with an F number in F order, any others after them by name.
+                frames.append((int(m.group(3)) if m and m.group(3) else float("inf"), name))
             if not frames:
                 skipped.append(f"{tpath}: tracklet without frames")
+                continue
+            if not cams:
+                skipped.append(f"{tpath}: no frame name carries a camera (C<n>)")
                 continue
             if len(cams) != 1:
                 raise DatasetError(f"{tpath}: tracklet mixes cameras {sorted(cams)}")

@@ -110,3 +110,22 @@ def test_wrong_roots(tmp_path):
         load_dataset("synthetic", str(tmp_path))
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("market", str(tmp_path))
+
+
+def test_dukev_accepts_every_frame_file_ordered_by_frame_number(tmp_path):
+    """The official set names some frames differently (no _X part, other suffixes): every JPEG of a
+    tracklet folder is a frame, as in torchreid; F-numbered frames come in F order, others after."""
+    make_dukev_tree(str(tmp_path))
+    tdir = tmp_path / "train" / "0002" / "0001"
+    jpeg = (tdir / sorted(os.listdir(tdir))[0]).read_bytes()
+    (tdir / "0002_C3_F0000.jpg").write_bytes(jpeg)          # no _X
+    (tdir / "0002_C3_F0001_X00009_b.JPG").write_bytes(jpeg)  # extra suffix, upper-case extension
+    (tdir / "0002_C3_extra.jpeg").write_bytes(jpeg)          # no frame number
+    before = len(os.listdir(tdir)) - 3
+    ds = load_dataset("dukev", str(tmp_path))
+    t = ds.train[0]
+    assert (t.pid, t.camid, len(t.frames)) == (0, 2, before + 3)
+    names = [os.path.basename(f) for f in t.frames]
+    assert names[:2] == ["0002_C3_F0000.jpg", "0002_C3_F0001_X00009_b.JPG"]
+    assert names[-1] == "0002_C3_extra.jpeg"
+    assert ds.skipped == []
