@@ -7,11 +7,14 @@ S3-compatible store (endpoint from ``AWS_ENDPOINT_URL``) behave the same:
 * writes are atomic: a local file appears via ``os.replace`` of a temp file in the same
   directory, an S3 object via one PUT / completed multipart upload on successful close;
   if the ``with`` block raises, nothing becomes visible;
-* a missing object raises ``FileNotFoundError`` naming the URL.
+* a missing object raises ``FileNotFoundError`` naming the URL; a store that cannot be used
+  (unsupported scheme, missing bucket, no or wrong credentials, endpoint down) raises
+  ``StorageError``, one line naming the URL (``check`` asks for that up front, in seconds).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import mmap
@@ -20,6 +23,8 @@ import shutil
 import tempfile
 import threading
 from typing import BinaryIO, Iterator
+
+from pipeline.s3_errors import StorageError, UnsupportedURL, check, describe  # noqa: F401  (re-exported)
 
 MULTIPART_THRESHOLD = 64 << 20  # objects above this size are uploaded in parts
 MULTIPART_CHUNKSIZE = 64 << 20
@@ -54,7 +59,7 @@ def _local(url) -> str:
     if url.startswith("file://"):
         return url[len("file://"):]
     if "://" in url:
-        raise ValueError(f"unsupported URL scheme (plain path, file:// or s3:// only): {url!r}")
+        raise UnsupportedURL(f"unsupported URL scheme (plain path, file:// or s3:// only): {url}")
     return url
 
 
@@ -109,7 +114,71 @@ def _head(url: str) -> dict | None:
     except ClientError as e:
         if _is_missing(e):
             return None
+        why = describe(url, e)  # botocore's text names the operation, not the URL
+        if why:
+            raise StorageError(why) from None
         raise
+
+
+# --------------------------------------------------------------------------- pyarrow (Ray's storage)
+# Ray Train writes checkpoints and its controller's snapshot through a pyarrow filesystem, and an
+# error in the controller ends the run. AWS's legacy backoff waits 25 ms * 2^n before retry n, the
+# same every time (the "standard" strategy's jitter makes the window random, and its retry quota
+# can run dry under many concurrent uploads): 12 attempts keep trying for ~100 s of refused
+# connections, longer when each attempt waits for a timeout.
+ARROW_MAX_ATTEMPTS = 12
+ARROW_CONNECT_TIMEOUT = 10
+ARROW_REQUEST_TIMEOUT = 60
+
+
+@functools.lru_cache(maxsize=None)
+def _retrying_s3_class():
+    import pyarrow.fs
+
+    class RetryingS3FileSystem(pyarrow.fs.S3FileSystem):
+        # pyarrow's pickle drops retry_strategy, and Ray pickles the filesystem into its controller
+        # and workers: rebuild it there with the same settings.
+        def __reduce__(self):
+            return _arrow_s3, self._sta_args
+
+    return RetryingS3FileSystem
+
+
+def _arrow_s3(endpoint: str | None, region: str, max_attempts: int, connect_timeout: float,
+              request_timeout: float):
+    import pyarrow.fs
+
+    kw = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kw = dict(endpoint_override=host or endpoint, scheme=scheme if host else "https")
+    # No keys passed: every process resolves its own credentials (env, profile, instance role), so
+    # no secret travels inside the pickled filesystem.
+    fs = _retrying_s3_class()(
+        region=region, allow_bucket_creation=False, connect_timeout=connect_timeout,
+        request_timeout=request_timeout,
+        retry_strategy=pyarrow.fs.AwsDefaultS3RetryStrategy(max_attempts=max_attempts), **kw)
+    fs._sta_args = (endpoint, region, max_attempts, connect_timeout, request_timeout)
+    return fs
+
+
+def arrow_filesystem(url, *, max_attempts: int = ARROW_MAX_ATTEMPTS,
+                     connect_timeout: float = ARROW_CONNECT_TIMEOUT,
+                     request_timeout: float = ARROW_REQUEST_TIMEOUT):
+    """A ``pyarrow.fs.S3FileSystem`` for an ``s3://`` URL (None for local paths) that retries
+    through outages of about a minute and keeps those settings when pickled.
+
+    Args:
+        url (str): the URL the filesystem will serve (endpoint from ``AWS_ENDPOINT_URL``).
+        max_attempts (int): attempts per request (legacy AWS backoff, see ``ARROW_MAX_ATTEMPTS``).
+        connect_timeout (float): seconds to wait for a TCP connection.
+        request_timeout (float): seconds without progress before a request is abandoned and retried.
+    """
+    if not is_s3(url):
+        _local(url)  # an unsupported scheme raises here
+        return None
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return _arrow_s3(_endpoint(), region, max_attempts, connect_timeout, request_timeout)
 
 
 # --------------------------------------------------------------------------- reading

@@ -168,3 +168,143 @@ def test_map_local_views_local_files_only(tmp_path, s3_bucket):
         storage.map_local(str(tmp_path / "missing"))
     storage.write_bytes(f"s3://{s3_bucket}/x", data)
     assert storage.map_local(f"s3://{s3_bucket}/x") is None
+
+
+# --------------------------------------------------------------------------- outages and one-line errors
+@pytest.fixture
+def s3_proxy(s3_server, monkeypatch):
+    """A cuttable TCP proxy in front of the S3 server; AWS_ENDPOINT_URL points at it."""
+    from tests.tcp_proxy import TcpProxy
+
+    host, port = s3_server[len("http://"):].split(":")
+    proxy = TcpProxy((host, int(port)))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    yield proxy
+    proxy.close()
+
+
+def _write_through_cut(fs, path: str, data: bytes, proxy, outage_s: float) -> float:
+    """Write ``data`` with ``fs``, cutting the link after the first half and restoring it
+    ``outage_s`` later; returns the seconds the write took."""
+    import threading
+    import time
+
+    t0 = time.monotonic()
+    timer = threading.Timer(outage_s, proxy.restore)
+    try:
+        with fs.open_output_stream(path) as f:
+            f.write(data[:len(data) // 2])
+            proxy.cut()
+            timer.start()
+            f.write(data[len(data) // 2:])
+    finally:
+        timer.join()
+    return time.monotonic() - t0
+
+
+def test_arrow_filesystem_survives_15s_outage_and_keeps_retries_when_pickled(s3_proxy, s3_bucket):
+    """Ray's storage filesystem (built by storage.arrow_filesystem) rides out a 15 s cut in the middle
+    of an upload, also as the copy Ray pickles into its controller and workers; pyarrow's default
+    (3 attempts, what Ray got before) gives up."""
+    import pickle
+    import threading
+
+    import pyarrow.fs
+
+    data = os.urandom(12 << 20)  # > one 5 MiB part: the cut lands between multipart requests
+    fs = pickle.loads(pickle.dumps(storage.arrow_filesystem(f"s3://{s3_bucket}/runs")))
+    assert fs.type_name == "s3"
+    took = _write_through_cut(fs, f"{s3_bucket}/runs/a.bin", data, s3_proxy, 15)
+    assert 14 < took < 120, took
+    assert storage.read_bytes(f"s3://{s3_bucket}/runs/a.bin") == data
+
+    plain = pyarrow.fs.S3FileSystem(endpoint_override=f"127.0.0.1:{s3_proxy.port}", scheme="http",
+                                    region="us-east-1")
+    s3_proxy.cut()
+    timer = threading.Timer(15, s3_proxy.restore)
+    timer.start()
+    try:
+        with pytest.raises(OSError):
+            with plain.open_output_stream(f"{s3_bucket}/runs/b.bin") as f:
+                f.write(b"x")
+    finally:
+        timer.join()
+
+
+def test_arrow_filesystem_local_and_bad_scheme(tmp_path):
+    assert storage.arrow_filesystem(str(tmp_path)) is None
+    with pytest.raises(storage.StorageError, match="gs://b/x"):
+        storage.arrow_filesystem("gs://b/x")
+
+
+def test_check_missing_bucket_and_bad_scheme(s3_server, s3_bucket, tmp_path):
+    storage.check(f"s3://{s3_bucket}/data")
+    storage.check(str(tmp_path / "nowhere"))  # local paths: the callers say what they expected
+    with pytest.raises(storage.StorageError, match=r"s3://no-such-bucket/x: bucket 'no-such-bucket' does not exist"):
+        storage.check("s3://no-such-bucket/x")
+    with pytest.raises(storage.StorageError, match="unsupported URL scheme.*gs://b/shards") as e:
+        storage.check("gs://b/shards")
+    assert isinstance(e.value, ValueError)
+
+
+def test_check_endpoint_down_is_quick(monkeypatch):
+    import time
+
+    from pipeline.train import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    t = time.monotonic()
+    with pytest.raises(storage.StorageError, match=r"s3://b/p: cannot reach the S3 endpoint http://127.0.0.1:\d+"):
+        storage.check("s3://b/p")
+    assert time.monotonic() - t < 10
+
+
+def test_check_no_credentials(s3_server, monkeypatch, tmp_path):
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(storage.StorageError, match="s3://b/p: no S3 credentials found"):
+        storage.check("s3://b/p")
+
+
+@pytest.fixture(scope="module")
+def s3_auth_server():
+    """A moto server that checks credentials (IAM auth from the first request), in its own process."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from pipeline.train import free_port
+
+    port = free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url + "/moto-api/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_wrong_credentials_name_the_url(s3_auth_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_auth_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(storage.StorageError, match=r"s3://b/p: access denied \(403.*check the credentials"):
+        storage.check("s3://b/p")
+    # and any later call that reaches the store names the URL too
+    with pytest.raises(storage.StorageError, match=r"s3://b/p/manifest.json: access denied"):
+        storage.exists("s3://b/p/manifest.json")
