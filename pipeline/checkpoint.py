@@ -32,22 +32,12 @@ def ray_storage(storage_path: str):
     """``(path, pyarrow filesystem or None)`` for Ray's ``RunConfig``.
 
     Ray opens ``s3://`` through pyarrow; an S3-compatible endpoint (MinIO, Ceph, moto) must be handed
-    to pyarrow explicitly, so the endpoint from ``AWS_ENDPOINT_URL`` is honoured here.
+    to pyarrow explicitly, so the endpoint from ``AWS_ENDPOINT_URL`` is honoured here, with retries
+    that ride out an outage of about a minute (:func:`pipeline.storage.arrow_filesystem`).
     """
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    if storage.is_s3(storage_path) and endpoint:
-        import pyarrow.fs
-
-        bucket, key = storage.parse_s3(storage_path)
-        scheme, _, host = endpoint.partition("://")
-        fs = pyarrow.fs.S3FileSystem(
-            endpoint_override=host or endpoint, scheme=scheme if host else "https",
-            access_key=os.environ.get("AWS_ACCESS_KEY_ID"), secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-            session_token=os.environ.get("AWS_SESSION_TOKEN"),
-            region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), allow_bucket_creation=False)
-        return f"{bucket}/{key}".rstrip("/"), fs
     if storage.is_s3(storage_path):
-        return storage_path, None
+        bucket, key = storage.parse_s3(storage_path)
+        return f"{bucket}/{key}".rstrip("/"), storage.arrow_filesystem(storage_path)
     if storage_path.startswith("file://"):
         storage_path = storage_path[len("file://"):]
     return str(Path(storage_path).resolve()), None
