@@ -175,3 +175,34 @@ def test_fuse_bad_arguments():
         fuse(f, torch.rand(2, 3, 4), 4, modes=())
     with pytest.raises(ValueError):
         inter_frame_regularization(torch.rand(2, 3, 4))
+
+
+def test_attention_map_l2_is_the_normalised_channel_norm():
+    """energy: g ∝ Σ_c f²; l2 (AGRL.pytorch's reading): g ∝ sqrt(Σ_c f²). Both sum to 1 per frame."""
+    torch.manual_seed(0)
+    f = torch.rand(2, 3, 5, 8, 4, dtype=torch.float64)
+    g_e, S_e = spatial_temporal_attention(f, 4)
+    g_l, S_l = spatial_temporal_attention(f, 4, attention_map="l2")
+    energy = f.pow(2).sum(2)
+    torch.testing.assert_close(g_e, energy / energy.sum((2, 3), keepdim=True))
+    norm = energy.sqrt()
+    torch.testing.assert_close(g_l, norm / norm.sum((2, 3), keepdim=True))
+    torch.testing.assert_close(g_l.sum((2, 3)), torch.ones(2, 3, dtype=torch.float64))
+    torch.testing.assert_close(S_l.sum(1), torch.ones(2, 4, dtype=torch.float64))
+    assert not torch.allclose(S_e, S_l)
+    # l2 is flatter: a bright position takes a smaller share of its frame's map
+    assert g_l.amax((2, 3)).mean() < g_e.amax((2, 3)).mean()
+
+
+def test_attention_map_l2_has_finite_gradients_at_dead_positions():
+    f = torch.zeros(1, 2, 3, 4, 2, requires_grad=True)
+    with torch.no_grad():
+        f[0, 0, :, 0, 0] = 1.0  # one live position; every other one has zero energy
+    g, S = spatial_temporal_attention(f, 2, attention_map="l2")
+    (g.sum() + S.pow(2).sum()).backward()
+    assert torch.isfinite(f.grad).all()
+
+
+def test_attention_map_unknown_raises():
+    with pytest.raises(ValueError, match="attention_map"):
+        spatial_temporal_attention(torch.rand(1, 2, 3, 4, 2), 2, attention_map="softmax")
