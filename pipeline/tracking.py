@@ -171,6 +171,58 @@ def ensure_experiment(uri: str, name: str) -> str:
         return exp.experiment_id
 
 
+# MLflow's HTTP client retries 7 times with backoff 2 and a 120 s timeout (~4 min per call against a
+# dead server, and Ray repeats the worker 3 times): training caps that; a user's explicit setting wins.
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+OUTAGE_BACKOFF_S = 60.0  # after a failed send, skip sends this long (metrics are kept and sent later)
+MAX_PENDING_METRICS = 100_000
+
+
+def bound_http_retries() -> dict[str, str]:
+    """Cap MLflow's HTTP retries/timeout in this process (unless set); returns the values in force."""
+    for key, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(key, value)
+    return {k: os.environ[k] for k in HTTP_BOUNDS}
+
+
+# Epoch metrics by group, for the MLflow UI's sections (it groups on the part before the first "/").
+# Bookkeeping (epoch, global_step, batches, num_nodes) is not a metric: the step is the x-axis,
+# and the node count is a tag.
+SYSTEM_METRICS = ("clips_per_s", "frames_per_s", "epoch_time_s", "data_wait_s")
+TRAIN_METRICS = ("lr", "reg_share", "skipped_samples")
+BOOKKEEPING = ("epoch", "global_step", "batches", "num_nodes", "mlflow_run_id")
+
+
+def metric_group(key: str) -> Optional[str]:
+    """MLflow name of an epoch metric (``loss_ce`` -> ``train/loss_ce``, ``mAP`` -> ``eval/mAP``);
+    None for bookkeeping. Names that already carry a group (``step/lr``) are kept."""
+    if key in BOOKKEEPING:
+        return None
+    if "/" in key:
+        return key
+    if key.startswith("loss_") or key in TRAIN_METRICS:
+        return f"train/{key}"
+    if key in SYSTEM_METRICS:
+        return f"system/{key}"
+    return f"eval/{key}"
+
+
+def grouped_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Numeric epoch metrics renamed by :func:`metric_group`, bookkeeping dropped."""
+    out = {}
+    for key, value in metrics.items():
+        name = metric_group(str(key))
+        if name is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    return out
+
+
+def is_path_value(value: Any) -> bool:
+    """A local path or URL: logged as a tag, not a param (params are what runs are compared on)."""
+    return isinstance(value, str) and (os.path.isabs(value) or "://" in value)
+
+
 # --------------------------------------------------------------------------- tags
 
 def _git(*args: str) -> Optional[str]:
@@ -262,14 +314,17 @@ class Tracker:
         self.experiment_id: Optional[str] = None
         self._client = None
         self._started = False
+        self._down_until = 0.0  # tracking outage: no sends before this time
+        self._pending: list = []  # metrics kept during an outage, sent with the next successful batch
 
     # -- lifecycle
     def start(self, cfg=None, *, run_id: Optional[str] = None, parent_run_id: Optional[str] = None,
-              extra_tags: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+              extra_tags: Optional[Mapping[str, Any]] = None, resumed: bool = True) -> Optional[str]:
         """Create a run (nested under ``parent_run_id`` if given) or resume ``run_id``; returns the id.
 
         Resuming (after a Ray Train restore the id comes from the checkpoint) reopens the same run
-        as RUNNING and counts the resumes in tag ``resume_count``. Returns None when disabled.
+        as RUNNING and counts the resumes in tag ``resume_count``; ``resumed=False`` attaches to a run
+        the driver created for this worker (no count). Returns None when disabled.
         """
         from mlflow import MlflowClient
 
@@ -284,14 +339,17 @@ class Tracker:
         if not self.enabled:
             return None
         self.uri = resolve_tracking_uri(cfg.tracking.uri)
+        bound_http_retries()
         self._client = client = MlflowClient(self.uri)
         if run_id:
             run = client.get_run(run_id)  # raises if the id is unknown to this store
             self.run_id, self.experiment_id = run_id, run.info.experiment_id
             if run.info.status != "RUNNING":
                 client.update_run(run_id, status="RUNNING")
-            resumes = int(run.data.tags.get("resume_count", "0")) + 1
-            self._set_tags({**safe_tags(dict(extra_tags or {})), "resume_count": str(resumes)})
+            tags = safe_tags(dict(extra_tags or {}))
+            if resumed:
+                tags["resume_count"] = str(int(run.data.tags.get("resume_count", "0")) + 1)
+            self._set_tags(tags)
             return run_id
         tags = run_tags(cfg, extra_tags)
         if parent_run_id:
@@ -309,7 +367,14 @@ class Tracker:
         if status not in RUN_STATUSES:
             raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
         if self._started and self.enabled:
-            self._client.set_terminated(self.run_id, status=status)
+            if self._pending:
+                self._down_until = 0.0  # one last try for what an outage kept back
+                self.log_metrics({}, 0)
+            if self._pending:
+                log.warning("run %s: %d metric values could not be sent to MLflow", self.run_id, len(self._pending))
+            self._down_until = 0.0
+            # The driver closes the run too (pipeline.driver.close_run) if this fails.
+            self._send("end run", self._client.set_terminated, self.run_id, status=status)
         self._started = False
 
     def __enter__(self) -> "Tracker":
@@ -329,12 +394,32 @@ class Tracker:
         return self.enabled
 
     # -- params / tags / metrics
+    def _send(self, what: str, fn, *args, **kwargs) -> bool:
+        """Call the store; an outage is a warning, never an exception, and blocks the caller at most one
+        bounded attempt per :data:`OUTAGE_BACKOFF_S` (training must not stall on tracking)."""
+        now = time.monotonic()
+        if now < self._down_until:
+            return False
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any transport/store failure
+            if self._down_until == 0.0 or now >= self._down_until:
+                log.warning("MLflow %s failed (%s); training goes on, retrying in %.0f s",
+                            what, strip_credentials(str(exc)).splitlines()[0][:200] if str(exc) else
+                            type(exc).__name__, OUTAGE_BACKOFF_S)
+            self._down_until = time.monotonic() + OUTAGE_BACKOFF_S
+            return False
+        if self._down_until:
+            log.warning("MLflow reachable again; sending %d kept metric values", len(self._pending))
+            self._down_until = 0.0
+        return True
+
     def _set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, v) for k, v in tags.items()]
         for i in range(0, len(items), _BATCH_PARAMS):
-            self._client.log_batch(self.run_id, tags=items[i:i + _BATCH_PARAMS])
+            self._send("set tags", self._client.log_batch, self.run_id, tags=items[i:i + _BATCH_PARAMS])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Add or overwrite tags (redacted like params)."""
@@ -348,7 +433,11 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        params = safe_params(cfg.flat())
+        flat = cfg.flat()
+        paths = {k: v for k, v in flat.items() if is_path_value(v)}
+        if paths:  # where things are differs between every run: keep it out of the compare view's diff
+            self._set_tags(safe_tags({f"config.{k}": v for k, v in paths.items()}))
+        params = safe_params({k: v for k, v in flat.items() if k not in paths})
         existing = self._client.get_run(self.run_id).data.params
         changed = {k: v for k, v in params.items() if k in existing and existing[k] != v}
         if changed:
@@ -357,7 +446,7 @@ class Tracker:
             self._set_tags({f"param_changed.{k}": _truncate(v, MAX_TAG_VAL_LENGTH) for k, v in changed.items()})
         items = [Param(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), _BATCH_PARAMS):
-            self._client.log_batch(self.run_id, params=items[i:i + _BATCH_PARAMS])
+            self._send("log params", self._client.log_batch, self.run_id, params=items[i:i + _BATCH_PARAMS])
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> dict[str, float]:
         """Log scalar metrics at ``step`` in one batch; non-finite values are skipped with a warning.
@@ -376,9 +465,14 @@ class Tracker:
                 log.warning("run %s step %d: metric %s is %s, not logged", self.run_id, step, key, v)
                 continue
             logged[str(key)] = v
-        items = [Metric(k, v, now, int(step)) for k, v in logged.items()]
-        for i in range(0, len(items), _BATCH_METRICS):
-            self._client.log_batch(self.run_id, metrics=items[i:i + _BATCH_METRICS])
+        self._pending.extend(Metric(k, v, now, int(step)) for k, v in logged.items())
+        if len(self._pending) > MAX_PENDING_METRICS:  # a very long outage: keep the newest
+            del self._pending[:len(self._pending) - MAX_PENDING_METRICS]
+        while self._pending:
+            batch = self._pending[:_BATCH_METRICS]
+            if not self._send("log metrics", self._client.log_batch, self.run_id, metrics=batch):
+                break
+            del self._pending[:len(batch)]
         return logged
 
     # -- artifacts
@@ -390,13 +484,13 @@ class Tracker:
         if not p.exists():
             raise FileNotFoundError(p)
         if p.is_dir():
-            self._client.log_artifacts(self.run_id, str(p), artifact_path)
+            self._send("log artifacts", self._client.log_artifacts, self.run_id, str(p), artifact_path)
         else:
-            self._client.log_artifact(self.run_id, str(p), artifact_path)
+            self._send("log artifact", self._client.log_artifact, self.run_id, str(p), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self._active():
-            self._client.log_text(self.run_id, text, artifact_file)
+            self._send("log text", self._client.log_text, self.run_id, text, artifact_file)
 
     def log_config(self, cfg) -> None:
         """The merged config as ``config.yaml`` (credentials redacted; loads with ``load_config``)."""
@@ -415,36 +509,75 @@ class Tracker:
             with tempfile.TemporaryDirectory() as tmp:
                 dst = Path(tmp) / name  # the artifact takes the requested file name
                 shutil.copyfile(src, dst)
-                self._client.log_artifact(self.run_id, str(dst), folder or None)
+                self._send("log figure", self._client.log_artifact, self.run_id, str(dst), folder or None)
         else:
-            self._client.log_figure(self.run_id, fig_or_path, artifact_file)
+            self._send("log figure", self._client.log_figure, self.run_id, fig_or_path, artifact_file)
 
-    def log_model(self, model, cfg, name: str = "model", registered_model: Optional[str] = None):
-        """``mlflow.pytorch.log_model`` of a CPU copy of ``model`` into this run.
+    def log_model(self, model, cfg, name: str = "model", registered_model: Optional[str] = None,
+                  input_example: Any = None, metrics: Optional[Mapping[str, Any]] = None):
+        """``mlflow.pytorch.log_model`` of a CPU copy of ``model`` into this run, loadable without this
+        checkout: the ``sta_model`` package travels as ``code_paths``, the signature comes from
+        ``input_example`` (default: one clip ``(1, N, 3, H, W)`` of the config), and the requirements
+        are the pinned torch and numpy that loading needs.
 
-        Registered under ``registered_model`` or ``cfg.tracking.registered_model`` when one is set.
+        Args:
+            model: the network (eval mode is set on the copy that is logged).
+            cfg: the run's config (clip shape, ``tracking.log_model`` / ``registered_model``).
+            name: the model's name in the run.
+            registered_model: register under this name (default ``cfg.tracking.registered_model``).
+            input_example: a numpy clip batch; None builds a zero clip of the config's shape.
+            metrics: eval metrics linked to the logged model (shown on its page and the version's).
+
         Returns MLflow's ``ModelInfo`` (``model_uri``, ``registered_model_version``), or None when
-        disabled or ``cfg.tracking.log_model`` is false. Loading needs the model's classes importable
-        (``sta_model`` installed).
+        disabled, ``cfg.tracking.log_model`` is false, or the store failed (a warning then).
         """
         if not self._active() or not cfg.tracking.log_model:
             return None
         import mlflow.pytorch
+        import numpy as np
         import torch
+        from mlflow.models import infer_signature
+
+        import sta_model
 
         if any(t.device.type != "cpu" for t in list(model.parameters()) + list(model.buffers())):
             model = copy.deepcopy(model).cpu()  # never move the caller's (training) model
         registered = registered_model or cfg.tracking.registered_model
-        # Create the LoggedModel ourselves so it lands in this run's experiment (MLflow would
-        # otherwise use the global active experiment).
-        logged = self._client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id)
-        torch_req = f"torch=={torch.__version__.split('+')[0]}"
-        with _global_tracking_uri(self.uri):
-            return mlflow.pytorch.log_model(
-                model, name=name, run_id=self.run_id, model_id=logged.model_id,
-                registered_model_name=registered, pip_requirements=[torch_req],
-                serialization_format="pickle",  # torch.export (pt2) needs example inputs and tensor outputs
-            )
+        if input_example is None:
+            d = cfg.data
+            input_example = np.zeros((1, cfg.eval.clip_len or d.clip_len, 3, d.height, d.width), np.float32)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(torch.as_tensor(input_example))
+            signature = infer_signature(input_example, out.numpy() if torch.is_tensor(out) else None)
+            reqs = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+            # Create the LoggedModel ourselves so it lands in this run's experiment (MLflow would
+            # otherwise use the global active experiment).
+            logged = self._client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id)
+            with _global_tracking_uri(self.uri):
+                info = mlflow.pytorch.log_model(
+                    model, name=name, run_id=self.run_id, model_id=logged.model_id,
+                    registered_model_name=registered, pip_requirements=reqs,
+                    code_paths=[os.path.dirname(sta_model.__file__)], signature=signature,
+                    input_example=input_example,
+                    serialization_format="pickle",  # torch.export (pt2) needs tensor-only outputs in train mode
+                )
+            if metrics:
+                from mlflow.entities import Metric
+
+                now = int(time.time() * 1000)
+                items = [Metric(k, _to_float(k, v), now, 0, model_id=logged.model_id)
+                         for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)]
+                self._send("link model metrics", self._client.log_batch, self.run_id, metrics=items)
+            return info
+        except Exception as exc:  # noqa: BLE001 - a finished run keeps its checkpoints and exports
+            log.warning("run %s: logging the MLflow model failed: %s", self.run_id,
+                        strip_credentials(str(exc)).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+            return None
+        finally:
+            model.train(was_training)
 
 
 def start_run(cfg, **kwargs) -> Tracker:

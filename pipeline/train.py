@@ -28,6 +28,7 @@ def parse_args(argv: Optional[list[str]] = None, *, prog: str = "pipeline.train"
     ap.add_argument("--print-config", action="store_true", help="print the merged config and exit")
     ap.add_argument("--resume", help="run directory (storage_path/name) or checkpoint URI to continue from")
     ap.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
+    ap.add_argument("--verbose", action="store_true", help="keep Ray Train's per-report log lines")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 data.clip_len=8")
     return ap.parse_intermixed_args(argv)  # overrides may come before or after options
 
@@ -45,10 +46,10 @@ def config_or_exit(args: argparse.Namespace) -> Config:
 def prepare_data(cfg: Config) -> dict[str, Any]:
     """Make sure ``data.shards`` holds a dataset; for the synthetic default, generate and pack it."""
     from pipeline import storage
-    from pipeline.stream import read_manifest
+    from pipeline.shards import read_manifest
 
     if storage.exists(storage.join(cfg.data.shards, "manifest.json")):
-        return read_manifest(cfg.data.shards)
+        return read_manifest(cfg.data.shards).raw
     if cfg.data.dataset != "synthetic" or not cfg.data.prepare:
         raise ConfigError(f"data.shards: no dataset at {cfg.data.shards} (no manifest.json); pack it first: "
                           f"python -m pipeline.pack --dataset {cfg.data.dataset} --root <raw> --out {cfg.data.shards}")
@@ -62,30 +63,36 @@ def prepare_data(cfg: Config) -> dict[str, Any]:
              num_cameras=s.num_cameras, occlusion_prob=s.occlusion_prob, seed=s.seed)
     pack("synthetic", cfg.data.root, cfg.data.shards, progress=False)
     print(f"prepared synthetic dataset: {cfg.data.root} -> {cfg.data.shards} ({time.perf_counter() - t:.1f}s)")
-    return read_manifest(cfg.data.shards)
+    return read_manifest(cfg.data.shards).raw
 
 
 def init_ray(cfg: Config, address: Optional[str] = None, *, min_cpus: int = 0) -> None:
-    """Attach to ``address`` / ``$RAY_ADDRESS``, else start a local Ray with enough logical CPUs."""
+    """Attach to ``address`` / ``$RAY_ADDRESS``, else start a local Ray with enough logical CPUs.
+
+    No environment travels in a runtime env: under ``ray job submit`` the job's own ``env_vars``
+    reach its workers (re-forwarding the same keys is a merge error in ``ray.init``, whose message
+    prints their values), on a cluster the workers get credentials from their node or pod, and a
+    local Ray's processes inherit this process's environment. Ray logs runtime envs in plain text,
+    so secrets must never be in one.
+    """
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)
         return
     # Logical CPUs for every training worker (DataLoader processes are not Ray tasks) and its driver.
     need = max(int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 1, min_cpus)
     # The dashboard stays on (loopback only): Ray Train's placement-group cleanup needs its state API,
     # and finds it by auto-detection, which fails when another local Ray runs on the machine
-    # ("multiple active Ray instances"); pin the port and point every process of this cluster at it.
+    # ("multiple active Ray instances"); pin the port and point every process of this cluster at it
+    # (set before ray.init, so the raylet and its workers inherit it).
     port = free_port()
     set_env("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
-    env["env_vars"]["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"]
     ray.init(num_cpus=max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1", dashboard_port=port,
-             include_dashboard=True, runtime_env=env)
+             include_dashboard=True)
 
 
 _ENV_SAVED: dict[str, Optional[str]] = {}
@@ -117,16 +124,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-# Environment the workers need to see the same object store and tracking server as the driver.
-_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                  "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
-                  "MLFLOW_TRACKING_PASSWORD", "MLFLOW_DISABLE_TELEMETRY", "STA_INJECT_FAILURE_EPOCH",
-                  "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "DS_ACCELERATOR")
-
-
 def build_trainer(cfg: Config, *, run_name: str, storage_path: str, resume: Optional[str] = None,
-                  parent_run_id: Optional[str] = None, callbacks: Optional[list] = None):
-    """The ``TorchTrainer`` for one run (also used per trial by ``pipeline.tune``)."""
+                  parent_run_id: Optional[str] = None, callbacks: Optional[list] = None,
+                  mlflow_run_id: Optional[str] = None, verbose: bool = False):
+    """The ``TorchTrainer`` for one run (also used per trial by ``pipeline.tune``).
+
+    Args:
+        mlflow_run_id: the run the driver opened (:func:`pipeline.driver.open_run`); rank 0 logs into it.
+        verbose: keep Ray Train's per-report log lines (default: one console line per epoch).
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -144,7 +150,8 @@ def build_trainer(cfg: Config, *, run_name: str, storage_path: str, resume: Opti
     cfg.tracking.uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "resume": resume, "parent_run_id": parent_run_id},
+        train_loop_config={"config": cfg.to_dict(), "resume": resume, "parent_run_id": parent_run_id,
+                           "mlflow_run_id": mlflow_run_id, "run_name": run_name, "verbose": verbose},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=resources),
@@ -198,23 +205,84 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             rp, rn, resume_ckpt = resolve_resume(args.resume)
             if rn:
                 storage_path, run_name = rp, rn
+        from pipeline.driver import check_job_paths
+
+        check_job_paths(cfg)
         manifest = prepare_data(cfg)
         check_pretrained(cfg)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     run_name = run_name or cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    init_ray(cfg, args.address)
-    trainer = build_trainer(cfg, run_name=run_name, storage_path=storage_path, resume=resume_ckpt)
-    t = time.perf_counter()
-    result = trainer.fit()
-    summary = summarize(cfg, result, manifest, time.perf_counter() - t)
+    summary = fit_tracked(cfg, args, run_name=run_name, storage_path=storage_path, resume=resume_ckpt,
+                          manifest=manifest)
     print(format_summary(summary))
     return summary
 
 
+def fit_tracked(cfg: Config, args: argparse.Namespace, *, run_name: str, storage_path: str,
+                resume: Optional[str], manifest: dict) -> dict[str, Any]:
+    """Open the MLflow run in the driver, train, and close the run whatever happens.
+
+    The run is named after the run directory and tagged with provenance before any worker starts;
+    after ``fit`` (or Ctrl-C, or a failure that killed rank 0) the driver marks it FINISHED, FAILED
+    or KILLED if rank 0 did not, tags the exports, and removes this run's temporary checkpoint dirs.
+
+    Args:
+        cfg: validated config; ``tracking.uri`` was checked by :func:`pipeline.driver.preflight_tracking`.
+        args: CLI arguments (``--address``, ``--verbose``).
+        run_name: the run directory's name under ``storage_path`` (also the MLflow run name).
+        storage_path: where Ray Train keeps the run directory.
+        resume: checkpoint URI to start from (a new run), or None.
+        manifest: the dataset manifest (counts for the summary).
+    """
+    from pipeline import driver
+
+    absolute_paths(cfg)
+    root = storage_path if "://" in storage_path else os.path.abspath(storage_path)
+    run_dir = f"{root.rstrip('/')}/{run_name}"
+    run_id = None
+    if cfg.tracking.enabled:
+        try:  # before Ray starts: an unreachable server is one line and exit 2, not a 13-minute hang
+            exp_id = driver.preflight_tracking(cfg)
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        run_id = driver.open_run(cfg, run_name=run_name, run_dir=run_dir, experiment_id=exp_id)
+    status = "FAILED"
+    try:
+        init_ray(cfg, getattr(args, "address", None))
+        if run_id:
+            import ray
+
+            driver.set_run_tags(cfg, run_id, {"ray.job_id": ray.get_runtime_context().get_job_id()})
+        trainer = build_trainer(cfg, run_name=run_name, storage_path=storage_path, resume=resume,
+                                mlflow_run_id=run_id, verbose=bool(getattr(args, "verbose", False)))
+        t = time.perf_counter()
+        result = trainer.fit()
+        status = "FAILED" if result.error else "FINISHED"
+        summary = summarize(cfg, result, manifest, time.perf_counter() - t)
+        summary["mlflow_run_id"] = summary.get("mlflow_run_id") or run_id
+        if run_id:
+            from pipeline import storage
+
+            exports = {f"sta.export.{k}": f"{run_dir}/{k}" for k in ("best", "final")
+                       if storage.exists(f"{run_dir}/{k}/model.pt")}
+            driver.set_run_tags(cfg, run_id, exports)
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        final = driver.close_run(cfg, run_id, status)
+        if final and final != "FINISHED":
+            print(f"MLflow run {run_id} marked {final}", file=sys.stderr)
+        driver.cleanup_ckpt_tmp(run_name)
+
+
 def summarize(cfg: Config, result, manifest: dict, seconds: float) -> dict[str, Any]:
     from pipeline import tracking
+    from pipeline.checkpoint import storage_url
 
     m = result.metrics or {}
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
@@ -223,7 +291,10 @@ def summarize(cfg: Config, result, manifest: dict, seconds: float) -> dict[str, 
         "epochs": m.get("epoch"), "global_step": m.get("global_step"), "skipped_samples": m.get("skipped_samples"),
         "skipped_queries": m.get("skipped_queries"),
         "num_query": manifest["splits"]["query"]["num_tracklets"], "num_gallery": manifest["splits"]["gallery"]["num_tracklets"],
-        "run_path": result.path, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        # Full URLs (s3://...), pasteable into --resume: Ray reports paths relative to its filesystem.
+        "run_path": storage_url(result.path, getattr(result, "filesystem", None)),
+        "checkpoint": storage_url(result.checkpoint.path, getattr(result.checkpoint, "filesystem", None))
+        if result.checkpoint else None,
         "mlflow_run_id": m.get("mlflow_run_id"), "tracking_uri": uri, "seconds": seconds,
         "error": str(result.error) if result.error else None,
     }
@@ -244,11 +315,20 @@ def format_summary(s: dict[str, Any]) -> str:
         f"   run directory: {s['run_path']}",
         f"   last checkpoint: {s['checkpoint']}",
         f"   MLflow run {s['mlflow_run_id']} in {s['tracking_uri']}",
-        f"   open the UI: mlflow ui --backend-store-uri {s['tracking_uri']}",
+        f"   open the UI: {ui_hint(s['tracking_uri'])}",
     ]
     if s.get("error"):
         lines.append(f"   ERROR: {s['error']}")
     return "\n".join(lines)
+
+
+def ui_hint(uri: str) -> str:
+    """How to look at the run: the server's URL, or the command that serves a local store."""
+    from pipeline.tracking import strip_credentials
+
+    if uri.startswith(("http://", "https://")):
+        return strip_credentials(uri)
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from pipeline import checkpoint as ckpt_lib
+from pipeline import console, driver
 from pipeline.config import Config, config_from_dict
 from pipeline.engine import autocast_dtype, build_engine
 from pipeline.transforms import model_input
@@ -228,13 +229,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry: ``loop_config = {"config": Config.to_dict(), "resume": uri|None, "parent_run_id": id|None}``."""
     import ray.train
 
-    from pipeline.stream import read_manifest, train_loader
+    from pipeline.shards import read_manifest
+    from pipeline.train_data import LoaderSpec, train_loader
     from pipeline import evaluation, tracking
 
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
+    console.quiet_ray_reports(bool(loop_config.get("verbose")))
+    run_name = loop_config.get("run_name") or "run"
+    driver.cleanup_ckpt_tmp(run_name, rank)  # a restarted rank's leftovers from its previous attempt
     torch.manual_seed(cfg.seed)  # same init on every rank; DeepSpeed also broadcasts rank 0's weights
     device = _device(cfg)
     if cfg.scaling.use_gpu and device.type == "cuda":
@@ -242,8 +247,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.backends.cudnn.benchmark = True
 
     manifest = read_manifest(cfg.data.shards)
-    num_classes = int(manifest["num_classes"])
-    steps = batches_per_epoch(cfg, int(manifest["splits"]["train"]["num_identities"]), world)
+    num_classes = manifest.num_classes
+    steps = batches_per_epoch(cfg, manifest.split("train").num_identities, world)
+    # At least one per-step point per epoch, whatever the epoch length.
+    cfg.tracking.log_every_steps = min(cfg.tracking.log_every_steps, steps)
     model = ckpt_lib.build_model_from_config(cfg, num_classes)
     engine, precision, ds_cfg = build_engine(model, cfg, world_size=world,
                                              steps_per_epoch=steps // cfg.deepspeed.grad_accum)
@@ -283,7 +290,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker = tracking.Tracker(cfg) if rank == 0 else None
     if tracker is not None:
         new_run = not meta.get("mlflow_run_id")
-        run_id = tracker.start(cfg, run_id=meta.get("mlflow_run_id"),
+        run_id = tracker.start(cfg, run_id=loop_config.get("mlflow_run_id") or meta.get("mlflow_run_id"),
+                               resumed=not new_run,
                                parent_run_id=loop_config.get("parent_run_id"),
                                extra_tags={"precision": precision, "world_size": str(world),
                                            "num_nodes": str(num_nodes), **pretrained_tags(cfg)})
@@ -298,19 +306,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracker.log_metrics(values, step)
 
     run_dir = storage_run_dir(ctx)
+    print_epoch = console.EpochPrinter(cfg.optim.epochs, start_epoch)
     best = meta.get("best")
     history: dict[str, list] = {}
     last_eval: dict[str, Any] = {}
 
+    spec = LoaderSpec.from_config(cfg, rank=rank, world_size=world, batches_per_epoch=steps,
+                                  pin_memory=device.type == "cuda")  # data.p is global: p // world here
+
     def make_loader(epoch: int):
-        return train_loader(cfg.data.shards, clip_len=cfg.data.clip_len, p=cfg.data.p // world, k=cfg.data.k,
-                            height=cfg.data.height, width=cfg.data.width, batches_per_epoch=steps,
-                            epoch=epoch, seed=cfg.seed, rank=rank, world_size=world,
-                            num_workers=cfg.data.num_workers, hflip=cfg.data.hflip,
-                            random_erasing=cfg.data.random_erasing, pin_memory=device.type == "cuda",
-                            prefetch_factor=cfg.data.prefetch_factor, normalize=False,
-                            decode=cfg.data.decode, device=device, persistent=cfg.data.persistent_workers,
-                            cache_dir=cfg.data.cache_dir, cache_gb=cfg.data.cache_gb)
+        return train_loader(manifest, spec, epoch=epoch, device=device)
 
     # Each epoch's loader starts during the previous epoch's last step (epoch_batches); a
     # persistent one is made once and its workers move on to the next epoch then.
@@ -347,7 +352,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                           metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
                                           provenance={"mlflow_run_id": meta["mlflow_run_id"], "run_dir": run_dir})
             if tracker is not None:
-                tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, epoch + 1)
+                tracker.log_metrics(tracking.grouped_metrics(metrics), epoch + 1)
+                print_epoch(epoch + 1, metrics)
                 for k, v in metrics.items():
                     if k in CURVES:
                         history.setdefault(CURVES[k], []).append((epoch + 1, v))
@@ -355,7 +361,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             report_metrics["mlflow_run_id"] = meta["mlflow_run_id"] or ""
             if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or is_last:
                 # A fresh dir per report: with ASYNC upload Ray deletes it once persisted.
-                d = tempfile.mkdtemp(prefix=f"sta-ckpt-e{epoch + 1:04d}-r{rank}-")
+                d = tempfile.mkdtemp(prefix=driver.ckpt_tmp_prefix(run_name, rank) + f"e{epoch + 1:04d}-")
                 ckpt_lib.save(engine, d, rank=rank, cfg=cfg, meta=meta)
                 ray.train.report(report_metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                                  checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}",
@@ -424,7 +430,8 @@ def _final_artifacts(tracker, cfg: Config, state: dict, num_classes: int, last_e
             except Exception as exc:  # a figure must never fail a finished run
                 log.warning("attention heatmaps skipped: %s", exc)
         if cfg.tracking.log_model:
-            tracker.log_model(model, cfg, registered_model=cfg.tracking.registered_model)
+            tracker.log_model(model, cfg, registered_model=cfg.tracking.registered_model,
+                              metrics={f"eval/{k}": v for k, v in last_eval.items() if isinstance(v, float)})
 
 
 def _no_pretrained(cfg: Config) -> Config:
@@ -436,7 +443,8 @@ def _no_pretrained(cfg: Config) -> Config:
 def _heatmaps(model: torch.nn.Module, cfg: Config, path: str) -> str:
     """The paper's figure: a few query clips with spatial maps and the N×K score matrix."""
     from pipeline import viz
-    from pipeline.stream import IMAGENET_MEAN, IMAGENET_STD, eval_loader
+    from pipeline.eval_data import eval_loader
+    from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     want = cfg.tracking.heatmaps
     panels, seen = [], set()
