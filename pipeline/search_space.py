@@ -20,19 +20,18 @@ values fail here with the config's own message.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
+from pydantic import Field, ValidationError, field_validator
 
-from pipeline.config import Config, ConfigError, _yaml_floats, apply_overrides, load_config, parse_override
+from pipeline.config import (Config, ConfigError, Section, apply_overrides, config_error, load_config, parse_override,
+                             parse_text, read_yaml, yaml_load)
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "grid", "randint")
-SEARCH_ALGS = ("random", "grid", "optuna")
-SCHEDULERS = ("asha", "none")
 EVAL_METRICS = ("mAP", "rank1", "rank5", "rank10", "rank20")
 VARIANT_KEY = "variant"  # reserved search key: a named bundle of overrides per value
 
@@ -47,22 +46,31 @@ class Dist:
     args: list  # choice/grid: the values; ranges: [lo, hi]
 
 
-@dataclass
-class TuneSettings:
-    num_samples: int = 1  # random: trials; grid: repeats of the whole grid
+class TuneSettings(Section):
+    """The ``tune:`` section: how many trials, which search algorithm and scheduler, where results go."""
+
+    num_samples: int = Field(1, ge=1)  # random: trials; grid: repeats of the whole grid
     seed: int = 0  # seeds the sampler (trial configs are reproducible)
-    search_alg: str = "random"
-    metric: str = "mAP"
-    mode: str = "max"
-    scheduler: str = "asha"
-    grace_period: int = 1  # epochs before ASHA may stop a trial
-    max_t: int = 0  # 0 = the base config's optim.epochs
-    reduction_factor: float = 2.0
-    max_concurrent: int = 0  # 0 = derived from the cluster's CPUs/GPUs and one trial's needs
-    storage_path: str = "runs/tune"  # local path or s3://bucket/prefix; trial checkpoints go below it
-    name: str = "sta-tune"
+    search_alg: Literal["random", "grid", "optuna"] = "random"
+    metric: str = Field("mAP", min_length=1)
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1)  # epochs before ASHA may stop a trial
+    max_t: int = Field(0, ge=0)  # 0 = the base config's optim.epochs
+    reduction_factor: float = Field(2.0, gt=1)
+    max_concurrent: int = Field(0, ge=0)  # 0 = derived from the cluster's CPUs/GPUs and one trial's needs
+    storage_path: str = Field("runs/tune", min_length=1)  # local path or s3://bucket/prefix; trial checkpoints go below it
+    name: str = "sta-tune"  # the search's folder under storage_path
     out: str = ""  # best_config.yaml, trials.csv/md, sweep.png; default: <storage_path>/<name> when local
-    resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})  # the trial's driver function
+    # the trial's driver function (resource -> amount)
+    resources: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: {"CPU": 1.0})
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not v or "/" in v:
+            raise ValueError(f"must be a non-empty name without '/', got {v!r}")
+        return v
 
 
 @dataclass
@@ -153,42 +161,10 @@ def _settings(raw: Any) -> TuneSettings:
         raw = {}
     if not isinstance(raw, dict):
         raise _fail("tune", f"expected a mapping, got {type(raw).__name__}")
-    names = {f.name: f for f in dataclasses.fields(TuneSettings)}
-    for k in raw:
-        if k not in names:
-            raise _fail(f"tune.{k}", f"unknown key (valid: {', '.join(sorted(names))})")
-    s = TuneSettings(**raw)
-    for k, tp in (("num_samples", int), ("seed", int), ("grace_period", int), ("max_t", int),
-                  ("max_concurrent", int)):
-        v = getattr(s, k)
-        if isinstance(v, bool) or not isinstance(v, tp):
-            raise _fail(f"tune.{k}", f"expected int, got {v!r}")
-    if isinstance(s.reduction_factor, bool) or not isinstance(s.reduction_factor, (int, float)):
-        raise _fail("tune.reduction_factor", f"expected a number, got {s.reduction_factor!r}")
-    for k in ("metric", "storage_path", "name", "out"):
-        if not isinstance(getattr(s, k), str):
-            raise _fail(f"tune.{k}", f"expected str, got {getattr(s, k)!r}")
-    need = [
-        (s.num_samples >= 1, "num_samples", "must be >= 1"),
-        (s.search_alg in SEARCH_ALGS, "search_alg", f"must be one of {SEARCH_ALGS}, got {s.search_alg!r}"),
-        (s.mode in ("max", "min"), "mode", f"must be max or min, got {s.mode!r}"),
-        (s.scheduler in SCHEDULERS, "scheduler", f"must be one of {SCHEDULERS}, got {s.scheduler!r}"),
-        (s.grace_period >= 1, "grace_period", "must be >= 1"),
-        (s.max_t >= 0, "max_t", "must be >= 0 (0 = optim.epochs)"),
-        (s.reduction_factor > 1, "reduction_factor", "must be > 1"),
-        (s.max_concurrent >= 0, "max_concurrent", "must be >= 0 (0 = derived)"),
-        (bool(s.metric), "metric", "must be set"),
-        (bool(s.storage_path), "storage_path", "must be set"),
-        (bool(s.name) and "/" not in s.name, "name", "must be a non-empty name without '/'"),
-        (isinstance(s.resources, dict) and all(isinstance(v, (int, float)) and v >= 0 for v in s.resources.values()),
-         "resources", f"a mapping of resource -> amount >= 0, got {s.resources!r}"),
-    ]
-    for ok, k, msg in need:
-        if not ok:
-            raise _fail(f"tune.{k}", msg)
-    s.reduction_factor = float(s.reduction_factor)
-    s.resources = {k: float(v) for k, v in s.resources.items()}
-    return s
+    try:
+        return TuneSettings.model_validate(raw)
+    except ValidationError as exc:
+        raise SearchSpaceError(str(config_error(exc, TuneSettings, "tune"))) from None
 
 
 def _check_alg(settings: TuneSettings, search: dict[str, Dist]) -> None:
@@ -222,11 +198,17 @@ def _split_overrides(overrides: list[str]) -> tuple[dict[str, Any], dict[str, An
     search_kv: dict[str, Any] = {}
     base: list[str] = []
     for text in overrides:
-        key, value = parse_override(text)
+        key, raw = parse_override(text)
         if key.startswith("tune."):
-            tune_kv[key[len("tune."):]] = value
+            try:  # parsed by the setting's own type
+                tune_kv[key[len("tune."):]] = parse_text(TuneSettings, key[len("tune."):], raw)
+            except ConfigError as exc:
+                raise SearchSpaceError(f"tune.{exc}") from None
         elif key.startswith("search."):
-            search_kv[key[len("search."):]] = value
+            try:  # a distribution is a YAML mapping: {choice: [1, 2]}
+                search_kv[key[len("search."):]] = yaml_load(raw, key)
+            except yaml.YAMLError as exc:
+                raise _fail(key, f"{raw!r} is not valid YAML ({' '.join(str(exc).split())})") from None
         else:
             base.append(text)
     return tune_kv, search_kv, base
@@ -237,7 +219,6 @@ def parse_tune_config(raw: dict[str, Any], *, yaml_path: Optional[Path] = None,
     """A tune YAML mapping (+ CLI overrides) → validated :class:`TuneSpec`."""
     if not isinstance(raw, dict):
         raise _fail("--config", "a tune YAML is a mapping with base, search and tune sections")
-    raw = _yaml_floats(raw)
     for k in raw:
         if k not in ("base", "search", "tune"):
             raise _fail(k, "unknown section (valid: base, search, tune)")
@@ -281,7 +262,7 @@ def parse_tune_config(raw: dict[str, Any], *, yaml_path: Optional[Path] = None,
     source = {"base": {"config": str(base_path) if base_path else None, "overrides": base_over,
                        "cli": cli_base},
               "search": {k: {d.kind: d.args} for k, d in search.items()},
-              "tune": dataclasses.asdict(settings)}
+              "tune": settings.model_dump()}
     return TuneSpec(base=base, search=search, variants=variants, tune=settings, source=source)
 
 
@@ -291,14 +272,11 @@ def _apply_cli(base: Config, texts: list[str]) -> Config:
 
 def load_tune_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> TuneSpec:
     """Read and validate a tune YAML; every problem is a one-line :class:`SearchSpaceError`/ConfigError."""
-    p = Path(path)
-    if not p.is_file():
-        raise _fail("--config", f"file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise _fail("--config", f"{p} is not valid YAML ({str(exc).splitlines()[0]})") from None
-    return parse_tune_config(raw, yaml_path=p, overrides=overrides)
+        raw = read_yaml(path)
+    except ConfigError as exc:
+        raise SearchSpaceError(str(exc)) from None
+    return parse_tune_config(raw or {}, yaml_path=Path(path), overrides=overrides)
 
 
 def trial_overrides(spec: TuneSpec, params: dict[str, Any]) -> dict[str, Any]:
