@@ -33,7 +33,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    model, cfg, meta = checkpoint.load_any(args.checkpoint)
+    try:
+        model, cfg, meta = checkpoint.load_any(args.checkpoint)
+    except checkpoint.CheckpointError as exc:  # incomplete, or not plain tensors: one line, never loaded
+        print(f"checkpoint error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     if args.overrides:
         try:
             cfg = apply_overrides(cfg, dict(_split(o) for o in args.overrides))
