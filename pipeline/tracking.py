@@ -434,7 +434,8 @@ class Tracker:
         from mlflow.entities import Param
 
         flat = cfg.flat()
-        paths = {k: v for k, v in flat.items() if is_path_value(v)}
+        # model.pretrained stays a param as well: where the trunk started is a hyper-parameter runs are compared on
+        paths = {k: v for k, v in flat.items() if is_path_value(v) and k != "model.pretrained"}
         if paths:  # where things are differs between every run: keep it out of the compare view's diff
             self._set_tags(safe_tags({f"config.{k}": v for k, v in paths.items()}))
         params = safe_params({k: v for k, v in flat.items() if k not in paths})
