@@ -10,11 +10,17 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from typing import Any, Optional
 
 import torch
 
+from pipeline import storage
 from pipeline.config import ConfigError, apply_overrides
+
+# What the two kinds of directory hold (for messages about a directory that is neither).
+KINDS = ("an exported model (<run>/final or <run>/best: model.pt, meta.json) or a training checkpoint "
+         "(<run>/checkpoint_epoch_NNNN: config.yaml, meta.json, ds/)")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -33,17 +39,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model, cfg, meta = load_or_exit(args.checkpoint)
     try:
-        model, cfg, meta = checkpoint.load_any(args.checkpoint)
-    except checkpoint.CheckpointError as exc:  # incomplete, or not plain tensors: one line, never loaded
-        print(f"checkpoint error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if args.overrides:
-        try:
+        if args.overrides:
             cfg = apply_overrides(cfg, dict(_split(o) for o in args.overrides))
-        except ConfigError as exc:
-            print(f"config error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+        storage.check(cfg.data.shards)
+    except (ConfigError, storage.StorageError) as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     device = torch.device(args.device)
     model = model.to(device).eval()
     metrics = evaluation.evaluate(model, cfg, embed_dim=cfg.model.embed_dim, device=device, rerank=args.rerank)
@@ -55,6 +58,69 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.mlflow:
         _log(cfg, args, metrics, scalars)
     return metrics
+
+
+def load_or_exit(url: str):
+    """``(model, cfg, meta)`` from ``url``, or one line ``checkpoint error: ...`` and exit 2.
+
+    A missing directory, a plain file, a run directory, a store that cannot be used, and a file that
+    does not load are told apart; torch's own text about unpickling is never shown (its advice,
+    ``weights_only=False``, would run whatever code the file carries).
+
+    Args:
+        url (str): the ``--checkpoint`` argument.
+    """
+    from pipeline import checkpoint
+
+    try:
+        why = not_a_checkpoint(url)
+        if why is None:
+            with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it refuses
+                warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+                return checkpoint.load_any(url)
+    except (storage.StorageError, checkpoint.CheckpointError) as exc:  # these name the URL already
+        why = one_line(exc)
+    except Exception as exc:  # CheckpointError, a refused unpickle, bad YAML/JSON, shape mismatch ...
+        why = f"{url}: cannot load it: {one_line(exc)}"
+    print(f"checkpoint error: {why}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def not_a_checkpoint(url: str) -> Optional[str]:
+    """Why ``url`` is not a directory to load a model from, or None when it may be one.
+
+    Args:
+        url (str): a local path, ``file://`` or ``s3://`` URL.
+    """
+    import os
+
+    url = url.rstrip("/") or url
+    storage.check(url)
+    if not storage.is_s3(url):
+        path = url[len("file://"):] if url.startswith("file://") else url
+        if not os.path.exists(path):
+            return f"{url}: no such directory"
+        if not os.path.isdir(path):
+            return f"{url}: is a file, not a directory; pass {KINDS}"
+    names = set(storage.listdir(url))
+    if not names:
+        return f"{url}: {'nothing under this prefix' if storage.is_s3(url) else 'empty directory'}"
+    if "model.pt" in names or "config.yaml" in names:
+        return None
+    ckpts = sorted(n for n in names if n.startswith("checkpoint_"))
+    if ckpts or {"final", "best"} & names:
+        has = ", ".join(sorted({"final", "best"} & names) + ckpts[-1:])
+        return f"{url}: a run directory; pass one of its exports or checkpoints ({has})"
+    return f"{url}: neither {KINDS}"
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an error, without torch's advice to unpickle with ``weights_only=False``."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    if "weights_only=False" in str(exc) or "Unpickl" in first:
+        return f"not a plain tensor file ({type(exc).__name__}); it is not loaded"
+    return first if len(first) <= 300 else first[:300] + "..."
 
 
 def _split(text: str) -> tuple[str, Any]:

@@ -8,8 +8,12 @@ names the URL, so the CLIs can print it and exit 2.
 """
 from __future__ import annotations
 
+import logging
 import os
 
+# botocore says "Found credentials in environment variables." at INFO for every client of every
+# process; the CLIs log at INFO, so that line would sit next to each one-line error.
+logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
 # The pre-flight client: one retry and short timeouts, so a dead endpoint is reported in seconds.
 CHECK_ATTEMPTS = 2
 CHECK_CONNECT_TIMEOUT = 3

@@ -3,9 +3,11 @@
 ``cut()`` resets every open connection and closes the listening socket, so new connections are
 refused (what a client sees when a load balancer or the server's host goes away);
 ``restore()`` listens again on the same port. Run as a script it proxies until killed, and
-SIGUSR1 / SIGUSR2 cut and restore (for a proxy in front of a process under test):
+SIGUSR1 / SIGUSR2 cut and restore, and ``--cut-when`` cuts when a client sends given bytes (for a
+proxy in front of a process under test):
 
-    python tests/tcp_proxy.py --target 127.0.0.1:PORT --port-file FILE
+    python tests/tcp_proxy.py --target 127.0.0.1:PORT --port-file FILE \
+        [--cut-when /checkpoint_epoch_0001/ --cut-seconds 15]
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ class TcpProxy:
         self._listener = None
         self.port = port
         self.cuts: list[tuple[float, float | None]] = []  # (cut at, restored at), time.time()
+        self._trigger: tuple[bytes, float] | None = None
+        self.triggered = threading.Event()
         self._listen()
 
     def _listen(self) -> None:
@@ -58,15 +62,17 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._conns |= {client, upstream}
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, up in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, up), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
         try:
             while True:
                 data = src.recv(1 << 16)
                 if not data:
                     break
+                if upstream and self._fire(data):
+                    break  # the request that matched is lost with the link
                 dst.sendall(data)
         except OSError:
             pass
@@ -79,6 +85,28 @@ class TcpProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def cut_when(self, pattern: bytes, seconds: float) -> None:
+        """Cut the link when a client sends bytes containing ``pattern`` (e.g. the request line of
+        an upload), before they reach the server, and restore it ``seconds`` later."""
+        self._trigger = (pattern, seconds)
+
+    def _fire(self, data: bytes) -> bool:
+        trig = self._trigger
+        if trig is None or trig[0] not in data:
+            return False
+        with self._lock:
+            if self._trigger is None:
+                return False
+            self._trigger = None
+        print(f"tcp_proxy: cut on {trig[0]!r} for {trig[1]:.0f} s", flush=True)
+        self.cut()
+        threading.Timer(trig[1], self._restore_and_flag).start()
+        return True
+
+    def _restore_and_flag(self) -> None:
+        self.restore()
+        self.triggered.set()
 
     def cut(self) -> None:
         """Refuse new connections and reset the open ones."""
@@ -93,6 +121,7 @@ class TcpProxy:
         """Listen again on the same port."""
         self._listen()
         self.cuts[-1] = (self.cuts[-1][0], time.time())
+        print(f"tcp_proxy: link cut {self.cuts[-1][1] - self.cuts[-1][0]:.1f} s, restored", flush=True)
 
     def close(self) -> None:
         self._listener.close()
@@ -115,9 +144,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", required=True, help="host:port")
     ap.add_argument("--port-file", required=True, help="the listening port is written here")
+    ap.add_argument("--cut-when", help="cut when a client sends these bytes (e.g. /checkpoint_epoch_0001/)")
+    ap.add_argument("--cut-seconds", type=float, default=15.0, help="how long a --cut-when cut lasts")
     a = ap.parse_args()
     host, _, port = a.target.rpartition(":")
     proxy = TcpProxy((host, int(port)))
+    if a.cut_when:
+        proxy.cut_when(a.cut_when.encode(), a.cut_seconds)
     signal.signal(signal.SIGUSR1, lambda *_: (proxy.cut(), print(f"cut {time.time():.1f}", flush=True)))
     signal.signal(signal.SIGUSR2, lambda *_: (proxy.restore(), print(f"restored {time.time():.1f}", flush=True)))
     tmp = a.port_file + ".tmp"

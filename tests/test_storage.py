@@ -308,3 +308,42 @@ def test_wrong_credentials_name_the_url(s3_auth_server, monkeypatch):
     # and any later call that reaches the store names the URL too
     with pytest.raises(storage.StorageError, match=r"s3://b/p/manifest.json: access denied"):
         storage.exists("s3://b/p/manifest.json")
+
+
+@pytest.mark.slow
+def test_training_survives_15s_s3_outage_during_checkpoint_upload(s3_server, s3_bucket, tmp_path):
+    """`python -m pipeline.train` on the tiny config with shards and checkpoints on S3 behind a proxy
+    that is cut for 15 s the moment the first checkpoint's upload starts: the run finishes, every
+    checkpoint and Ray's snapshot are there, and the summary prints pasteable s3:// URLs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.tcp_proxy import TcpProxy
+
+    root = Path(__file__).resolve().parents[1]
+    host, port = s3_server[len("http://"):].split(":")
+    proxy = TcpProxy((host, int(port)))
+    proxy.cut_when(f"/{s3_bucket}/runs/cut/checkpoint_epoch_0001/".encode(), 15)
+    env = dict(os.environ, AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}", PYTHONPATH=str(root))
+    cmd = [sys.executable, "-m", "pipeline.train", "--config", str(root / "configs" / "tiny.yaml"),
+           f"data.root={tmp_path}/raw", f"data.shards=s3://{s3_bucket}/tiny",
+           f"checkpoint.storage_path=s3://{s3_bucket}/runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+           "tracking.run_name=cut", "optim.epochs=2"]
+    try:
+        out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    finally:
+        proxy.close()
+    log = out.stdout + out.stderr
+    assert proxy.triggered.is_set() and len(proxy.cuts) == 1, log[-3000:]
+    start, end = proxy.cuts[0]
+    assert end - start >= 15
+    assert out.returncode == 0, log[-6000:]
+    run = f"s3://{s3_bucket}/runs/cut"
+    names = storage.listdir(run)
+    assert {"checkpoint_epoch_0001", "checkpoint_epoch_0002", "checkpoint_manager_snapshot.json"} <= set(names), names
+    for ck in ("checkpoint_epoch_0001", "checkpoint_epoch_0002"):
+        assert {"meta.json", "config.yaml", "ds"} <= set(storage.listdir(f"{run}/{ck}")), ck
+    assert f"run directory: {run}" in out.stdout, out.stdout[-2000:]
+    assert f"last checkpoint: {run}/checkpoint_epoch_0002" in out.stdout, out.stdout[-2000:]
+    assert "ERROR" not in out.stdout
