@@ -15,9 +15,12 @@ They are picked with one comparison pass over the distance matrix, then ordered 
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import numpy as np
 import torch
+
+from sta_model.threads import intra_op_threads
 
 
 def _to_tensor(x) -> torch.Tensor:
@@ -54,7 +57,7 @@ def _same_pid_table(q_pids: torch.Tensor, g_pids: torch.Tensor):
 
 
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
-                  chunk_elems: int = 1 << 22):
+                  chunk_elems: int = 1 << 22, num_threads: Optional[int] = None):
     """CMC curve and mAP (Market-1501/MARS protocol, see module docstring).
 
     Args:
@@ -62,6 +65,8 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
         q_pids, g_pids, q_camids, g_camids (array-like): integer labels.
         max_rank (int): CMC length; reduced to num_g (with a warning) if the gallery is smaller.
         chunk_elems (int): distance entries processed per chunk of queries (memory bound).
+        num_threads (int or None): torch intra-op threads for the call; None: the CPUs idle now
+            (``sta_model.threads``), never more than this process may use.
 
     Returns:
         tuple: ``cmc`` (np.float32 array of length max_rank, fractions) and ``mAP`` (float in [0, 1]).
@@ -69,6 +74,11 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     Raises:
         ValueError: on shape mismatch or when no query has a true match in the gallery.
     """
+    with intra_op_threads(num_threads):
+        return _evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, chunk_elems)
+
+
+def _evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int, chunk_elems: int):
     d = _to_tensor(distmat)
     q_pids, g_pids = _to_tensor(q_pids).long().reshape(-1), _to_tensor(g_pids).long().reshape(-1)
     q_camids, g_camids = _to_tensor(q_camids).long().reshape(-1), _to_tensor(g_camids).long().reshape(-1)

@@ -19,8 +19,12 @@ an unstable argsort, may be ordered differently).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
+
+from sta_model.threads import intra_op_threads
 
 
 def _as_float32(x) -> torch.Tensor:
@@ -205,7 +209,8 @@ def _query_expansion(rows, cols, vals, nbr: torch.Tensor, N: int, block_rows: in
 
 
 def re_ranking(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-               block_rows: int = 512, pair_budget: int = 1 << 22) -> np.ndarray:
+               block_rows: int = 512, pair_budget: int = 1 << 22,
+               num_threads: Optional[int] = None) -> np.ndarray:
     """k-reciprocal re-ranked distances between queries and gallery.
 
     Args:
@@ -216,10 +221,18 @@ def re_ranking(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: float = 
         lambda_value (float): weight of the original distance (0.3).
         block_rows (int): rows per block of the distance pass (memory ~ block_rows * N * 8 bytes).
         pair_budget (int): (query nonzero, gallery nonzero) pairs per Jaccard block.
+        num_threads (int or None): torch intra-op threads for the call; None: the CPUs idle now
+            (``sta_model.threads``), never more than this process may use.
 
     Returns:
         np.ndarray: ``(num_q, num_g)`` float32 distances.
     """
+    with intra_op_threads(num_threads):
+        return _re_ranking(q_feat, g_feat, k1, k2, lambda_value, block_rows, pair_budget)
+
+
+def _re_ranking(q_feat, g_feat, k1: int, k2: int, lambda_value: float, block_rows: int,
+                pair_budget: int) -> np.ndarray:
     q, g = _as_float32(q_feat), _as_float32(g_feat)
     if q.dim() != 2 or g.dim() != 2 or q.shape[1] != g.shape[1]:
         raise ValueError(f"expected (num_q, d) and (num_g, d) features, got {tuple(q.shape)}, {tuple(g.shape)}")

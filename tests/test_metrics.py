@@ -75,3 +75,60 @@ def test_small_gallery_and_errors():
         evaluate_rank(d, [0, 1], [0, 1, 2], [1, 1], [1, 1, 1], max_rank=3)
     with pytest.raises(ValueError):
         evaluate_rank(np.zeros((2, 4)), [0, 1], [0, 1, 2], [0, 0], [1, 1, 1])
+
+
+# ------------------------------------------------------------------ threads on a busy machine
+@pytest.fixture
+def burners():
+    """One CPU-burning process per usable CPU (a machine where every core is taken)."""
+    import subprocess
+    import time
+
+    from sta_model.threads import usable_cpus
+
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(usable_cpus())]
+    time.sleep(0.5)
+    yield procs
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_threads_follow_affinity_env_and_restore(monkeypatch):
+    from sta_model import threads
+
+    before = torch.get_num_threads()
+    with threads.intra_op_threads(1) as n:
+        assert n == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what Ray sets for a 1-CPU task
+    assert threads.usable_cpus() == 1 and threads.choose_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert 1 <= threads.usable_cpus() <= len(__import__("os").sched_getaffinity(0))
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 8)
+    monkeypatch.setattr(threads, "_runnable_others", lambda: 3)
+    assert threads.idle_cpus() == 5 and threads.choose_threads(2) == 2
+    monkeypatch.setattr(threads, "_runnable_others", lambda: 20)
+    assert threads.idle_cpus() == 1
+
+
+def test_busy_machine_gets_one_thread(burners, monkeypatch):
+    """With every usable CPU taken by another process, evaluation and re-ranking run on one
+    thread (torch's default would use one per core and stall on the busy ones)."""
+    import sta_model.metrics as metrics
+    import sta_model.rerank as rerank
+    from sta_model.threads import idle_cpus
+
+    assert idle_cpus() == 1
+    seen = {}
+    real_eval, real_rr = metrics._evaluate_rank, rerank._re_ranking
+    monkeypatch.setattr(metrics, "_evaluate_rank",
+                        lambda *a: seen.setdefault("eval", torch.get_num_threads()) and real_eval(*a))
+    monkeypatch.setattr(rerank, "_re_ranking",
+                        lambda *a: seen.setdefault("rr", torch.get_num_threads()) and real_rr(*a))
+    rng = np.random.default_rng(0)
+    q_pids, g_pids, q_cams, g_cams = _labels(rng, 20, 60, 10, 3)
+    before = torch.get_num_threads()
+    evaluate_rank(rng.random((20, 60)).astype(np.float32), q_pids, g_pids, q_cams, g_cams, max_rank=5)
+    rerank.re_ranking(rng.random((20, 8)), rng.random((60, 8)), k1=5, k2=3)
+    assert seen == {"eval": 1, "rr": 1} and torch.get_num_threads() == before
