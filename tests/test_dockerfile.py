@@ -173,3 +173,87 @@ def test_cpu_install_steps_in_a_fresh_venv():
         assert "skipped system step" in r.stdout  # apt-get/useradd are reported, not silently dropped
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# Account files of the two base images' relevant parts: Ubuntu 24.04 (the CUDA base) ships user and
+# group `ubuntu` with id 1000; Debian's python:slim has nobody at 1000.
+_BASE_ACCOUNTS = {
+    "ubuntu24.04": ("root:x:0:0:root:/root:/bin/bash\nubuntu:x:1000:1000:Ubuntu:/home/ubuntu:/bin/bash\n",
+                    "root:x:0:\nubuntu:x:1000:\n"),
+    "debian-slim": ("root:x:0:0:root:/root:/bin/bash\n", "root:x:0:\n"),
+}
+
+
+def _fake_image_accounts(tmp_path: Path, base: str) -> tuple[Path, Path]:
+    passwd, group = _BASE_ACCOUNTS[base]
+    etc, home = tmp_path / "etc", tmp_path / "home"
+    etc.mkdir()
+    home.mkdir()
+    (etc / "passwd").write_text(passwd)
+    (etc / "group").write_text(group)
+    users = [line.split(":")[0] for line in passwd.splitlines()]
+    groups = [line.split(":")[0] for line in group.splitlines()]
+    (etc / "shadow").write_text("".join(f"{u}:*:19000:0:99999:7:::\n" for u in users))
+    (etc / "gshadow").write_text("".join(f"{g}:*::\n" for g in groups))
+    for u in users[1:]:
+        (home / u).mkdir()
+    return etc, home
+
+
+def _can_unshare() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("useradd") is None:
+        return False
+    return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("base", sorted(_BASE_ACCOUNTS))
+def test_user_step_replayed_on_each_base(tmp_path, base):
+    """The Dockerfile's user step, run by the real useradd/userdel against each base image's accounts
+    (in a private mount namespace): uid/gid 1000 end up as `ray` on both, the old user is gone."""
+    if not _can_unshare():
+        pytest.skip("needs root, unshare and useradd (a private mount namespace for the account files)")
+    replay_install = ri
+    etc, home = _fake_image_accounts(tmp_path, base)
+    app = tmp_path / "app"
+    step = replay_install.user_step(DOCKERFILE)
+    env = dict(os.environ, APP=str(app))
+    r = replay_install.replay_user_step(step.args, etc, home, env)  # the shell expands, as in docker
+    assert r.returncode == 0, r.stdout + r.stderr
+    passwd = (etc / "passwd").read_text()
+    assert re.search(r"^ray:x:1000:1000:", passwd, re.M), passwd
+    assert "ubuntu" not in passwd and re.search(r"^ray:x:1000:", (etc / "group").read_text(), re.M)
+    assert (home / "ray").is_dir() and (app / "runs").stat().st_uid == 1000
+
+
+def test_user_step_replay_catches_the_uid_clash(tmp_path):
+    """The replay fails the old step (`useradd --uid 1000 --user-group`) on Ubuntu 24.04's accounts."""
+    if not _can_unshare():
+        pytest.skip("needs root, unshare and useradd")
+    replay_install = ri
+    etc, home = _fake_image_accounts(tmp_path, "ubuntu24.04")
+    r = replay_install.replay_user_step("useradd --create-home --uid 1000 --user-group --shell /bin/bash ray",
+                                        etc, home, dict(os.environ))
+    assert r.returncode != 0 and "not unique" in r.stderr, r.stderr
+
+
+def test_dependency_layer_copies_only_pyproject():
+    """A README or source edit must not invalidate the dependency layer (and DeepSpeed's op build)."""
+    instrs = [(i.cmd, i.args) for i in ri.parse(DOCKERFILE)]
+    dep = next(n for n, (c, a) in enumerate(instrs) if c == "RUN" and "tomllib" in a)
+    copies_before = [a for c, a in instrs[:dep] if c == "COPY"]
+    assert copies_before[-1].split() == ["pyproject.toml", "./"], copies_before
+    assert not any("README" in a or "pipeline" in a or "sta_model" in a for a in copies_before)
+
+
+def test_python_versions_and_single_stage_are_documented():
+    text = DOCKERFILE.read_text()
+    assert "3.12" in text and "3.11" in text and "multi-stage" in text
+
+
+def test_building_the_package_prints_no_license_deprecation(tmp_path):
+    """pyproject's `license` is the SPDX string (setuptools >= 77): no `project.license` table banner."""
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = r.stdout + r.stderr
+    assert "project.license" not in out and "SetuptoolsDeprecationWarning" not in out, out[-3000:]

@@ -202,6 +202,40 @@ def replay(dockerfile: Path, context: Path, root: Path, build_args: dict[str, st
     return env
 
 
+def user_step(dockerfile: Path) -> Instruction:
+    """The RUN instruction that creates the image's user (the one calling useradd)."""
+    runs = [i for i in parse(dockerfile) if i.cmd == "RUN" and re.search(r"(^|[\s;&|])useradd\b", i.args)]
+    if len(runs) != 1:
+        raise ValueError(f"{dockerfile}: expected one RUN with useradd, found {len(runs)}")
+    return runs[0]
+
+
+ACCOUNT_FILES = ("passwd", "group", "shadow", "gshadow")
+
+
+def replay_user_step(script: str, etc: Path, home: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run a user-creation RUN against a base image's account files, without touching this machine's.
+
+    ``etc`` holds the image's passwd/group/shadow/gshadow (e.g. Ubuntu 24.04's, with user ``ubuntu``
+    at uid 1000). A copy of this machine's /etc with those four files swapped in, and ``home``, are
+    bind-mounted over /etc and /home in a private mount namespace (``unshare --mount``, needs root),
+    so the real useradd/userdel/groupadd edit the copies (a whole directory, because they replace
+    files by rename); the results are copied back into ``etc``.
+    """
+    work = etc.parent / (etc.name + ".root")
+    subprocess.run(["cp", "-a", "/etc", str(work)], capture_output=True)  # unreadable odds and ends: fine
+    for f in ACCOUNT_FILES:
+        shutil.copyfile(etc / f, work / f)
+    inner = f"mount --bind {shlex.quote(str(work))} /etc && mount --bind {shlex.quote(str(home))} /home && {script}"
+    try:
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-euo", "pipefail", "-c",
+                               inner], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        for f in ACCOUNT_FILES:
+            shutil.copyfile(work / f, etc / f)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dockerfile", default="Dockerfile")
