@@ -240,7 +240,6 @@ class TrackingConfig(Section):
 
 class FailureConfig(Section):
     max_failures: int = Field(2, ge=-1)  # Ray Train restarts from the latest checkpoint this many times (-1 = unlimited)
-    inject_at_epoch: int = 0  # testing: rank 1 (or 0) exits after saving this epoch's checkpoint, once
 
 
 class Config(Section):

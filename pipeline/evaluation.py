@@ -28,6 +28,7 @@ class SplitFeatures:
     pids: np.ndarray
     camids: np.ndarray
     skipped: int
+    skipped_tracklets: int = 0  # tracklets with no readable clip: left out of scoring, counted
 
 
 def _distributed() -> bool:
@@ -66,13 +67,12 @@ def extract(forward: Callable[[torch.Tensor], torch.Tensor], cfg: Config, split:
         dist.all_reduce(counts)
         dist.all_reduce(meta, op=dist.ReduceOp.MAX)
         dist.all_reduce(skipped)
-    missing = int((counts == 0).sum())
-    if missing:
-        # A tracklet whose frames were all corrupt cannot be scored; say so instead of scoring zeros.
-        raise RuntimeError(f"evaluation: {missing} of {n} {split} tracklets produced no clip "
-                           f"({int(skipped)} samples skipped as corrupt)")
-    feats = (sums / counts[:, None]).cpu()
-    return SplitFeatures(feats, meta[0].cpu().numpy(), meta[1].cpu().numpy(), int(skipped))
+    # A tracklet whose frames were all corrupt cannot be scored: it is left out and counted (like
+    # corrupt train samples), never scored as zeros and never a reason to lose the run.
+    keep = counts > 0
+    missing = int((~keep).sum())
+    feats = (sums[keep] / counts[keep][:, None]).cpu()
+    return SplitFeatures(feats, meta[0][keep].cpu().numpy(), meta[1][keep].cpu().numpy(), int(skipped), missing)
 
 
 def skipped_queries(q: SplitFeatures, g: SplitFeatures) -> int:
@@ -117,6 +117,7 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], cfg: Config, *, em
     out = score(q, g, rerank=ev.rerank if rerank is None else rerank, k1=ev.rerank_k1, k2=ev.rerank_k2,
                 lambda_value=ev.rerank_lambda)
     out["eval_skipped"] = q.skipped + g.skipped
+    out["eval_skipped_tracklets"] = q.skipped_tracklets + g.skipped_tracklets
     return out
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline import resume
 from pipeline.checkpoint import check_pretrained
 from pipeline.config import Config, ConfigError, load_config
 
@@ -175,23 +176,6 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg
 
 
-def resolve_resume(uri: str) -> tuple[Optional[str], Optional[str], Optional[str]]:
-    """``--resume`` → (storage_path, run_name, checkpoint_uri).
-
-    A run directory (holding Ray's checkpoint manager snapshot) continues under the same name, where
-    Ray Train restores its latest checkpoint itself; a checkpoint directory starts a new run from it.
-    """
-    from pipeline import storage
-
-    uri = uri.rstrip("/")
-    if storage.exists(storage.join(uri, "meta.json")) and storage.exists(storage.join(uri, "config.yaml")):
-        return None, None, uri
-    parent, _, name = uri.rpartition("/")
-    if not name or not storage.listdir(uri):
-        raise ConfigError(f"--resume: {uri} is neither a run directory nor a checkpoint")
-    return parent, name, None
-
-
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     cfg = config_or_exit(args)
@@ -199,23 +183,24 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         print(cfg.to_yaml(), end="")
         return {}
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    storage_path, run_name, resume_ckpt = cfg.checkpoint.storage_path, None, None
+    run_name = cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        if args.resume:
-            rp, rn, resume_ckpt = resolve_resume(args.resume)
-            if rn:
-                storage_path, run_name = rp, rn
         from pipeline.driver import check_job_paths
 
         check_job_paths(cfg)
+        # Where the run writes and what it restores (pipeline.resume): decided and checked before Ray.
+        plan = resume.plan_run(args.resume, cfg, run_name=run_name)
         manifest = prepare_data(cfg)
         check_pretrained(cfg)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    run_name = run_name or cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = fit_tracked(cfg, args, run_name=run_name, storage_path=storage_path, resume=resume_ckpt,
-                          manifest=manifest)
+    if plan.mode != "new":
+        print(f"resume: {plan.describe()}")
+        for change in plan.changed:  # also kept on the MLflow run as param_changed.* tags
+            print(f"resume: changed {change}")
+    summary = fit_tracked(cfg, args, run_name=plan.run_name, storage_path=plan.storage_path,
+                          resume=plan.checkpoint if plan.mode == "fork" else None, manifest=manifest)
     print(format_summary(summary))
     return summary
 

@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
@@ -29,10 +30,10 @@ from sta_model.losses import combined_loss
 
 log = logging.getLogger("pipeline.worker")
 
-LOSS_KEYS = ("total", "triplet", "ce", "reg")
-# Epoch metrics drawn in curves.png, grouped into panels by the prefix before "/".
-CURVES = {**{f"loss_{k}": f"loss/{k}" for k in LOSS_KEYS}, "reg_share": "loss/reg_share", "lr": "lr/lr", "clips_per_s": "throughput/clips_per_s",
-          "mAP": "eval/mAP", "rank1": "eval/rank1", "rr_mAP": "eval/rr_mAP", "rr_rank1": "eval/rr_rank1"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite: training stops (not retried), the last good checkpoint stays."""
 
 
 def batches_per_epoch(cfg: Config, num_train_ids: int, world_size: int) -> int:
@@ -71,37 +72,54 @@ def run_epoch(engine, batches: Iterable[dict], cfg: Config, *, dtype: torch.dtyp
               world_size: int = 1, on_log: Optional[Callable[[int, dict], None]] = None) -> dict[str, float]:
     """One epoch over ``batches``; returns rank-averaged loss terms and summed counters.
 
-    Loss terms stay on the device and are synchronised only every ``tracking.log_every_steps`` steps
-    (one all-reduce), so the hot loop has no per-step host sync.
+    Every term of the loss dict is logged by its own name (``loss_<term>``, ``step/loss_<term>``). Loss
+    terms stay on the device and are synchronised only every ``tracking.log_every_steps`` steps (one
+    all-reduce), so the hot loop has no per-step host sync; the first step with a non-finite term is
+    remembered on the device and raises :class:`NonFiniteLossError` at the next sync, before any
+    checkpoint of the damaged weights can be written.
     """
     engine.train()
-    sums = torch.zeros(len(LOSS_KEYS), device=device)
-    window = torch.zeros(len(LOSS_KEYS), device=device)
+    keys: list[str] = []  # the loss dict's terms, in its order, from the first step
+    sums = window = bad_step = bad_terms = None
     n_batches = n_clips = n_frames = skipped = 0
     data_time = 0.0
     start = time.perf_counter()
     t = start
     every = cfg.tracking.log_every_steps
+    first_step = int(engine.global_steps)
     for batch in batches:
         data_time += time.perf_counter() - t
         skipped += int(batch.get("skipped", 0))
         losses = train_step(engine, batch, cfg, dtype, device)
-        vec = torch.stack([losses[k] for k in LOSS_KEYS])
+        if not keys:
+            keys = list(losses)
+            sums = torch.zeros(len(keys), device=device)
+            window = torch.zeros(len(keys), device=device)
+            bad_step = torch.full((), -1, dtype=torch.long, device=device)
+            bad_terms = torch.zeros(len(keys), device=device)
+        vec = torch.stack([losses[k].float() for k in keys])
+        # Device-side record of the first non-finite step (its index in this epoch and its terms).
+        newly = ~torch.isfinite(vec).all() & (bad_step < 0)
+        bad_step = torch.where(newly, torch.full_like(bad_step, n_batches), bad_step)
+        bad_terms = torch.where(newly, vec, bad_terms)
         sums += vec
         window += vec
         n_batches += 1
         n_clips += batch["clips"].shape[0]
         n_frames += batch["clips"].shape[0] * batch["clips"].shape[1]  # (B, N, ...) in both layouts
         if on_log is not None and n_batches % every == 0:
+            _raise_if_non_finite(bad_step, bad_terms, keys, first_step, world_size)
             avg = _reduce_mean(window / every, world_size).tolist()
-            on_log(engine.global_steps, {f"step/loss_{k}": v for k, v in zip(LOSS_KEYS, avg)}
+            on_log(engine.global_steps, {f"step/loss_{k}": v for k, v in zip(keys, avg)}
                    | {"step/lr": engine.get_lr()[0]})
             window.zero_()
         t = time.perf_counter()
+    if keys:
+        _raise_if_non_finite(bad_step, bad_terms, keys, first_step, world_size)
     elapsed = time.perf_counter() - start
     counters = torch.tensor([n_batches, n_clips, n_frames, skipped], dtype=torch.float64, device=device)
     timing = torch.tensor([elapsed, data_time], dtype=torch.float64, device=device)
-    means = sums / max(1, n_batches)
+    means = sums / max(1, n_batches) if keys else torch.zeros(0, device=device)
     if world_size > 1 and dist.is_initialized():
         dist.all_reduce(counters)
         dist.all_reduce(means)
@@ -109,13 +127,45 @@ def run_epoch(engine, batches: Iterable[dict], cfg: Config, *, dtype: torch.dtyp
         dist.all_reduce(timing, op=dist.ReduceOp.MAX)
     n_batches, n_clips, n_frames, skipped = counters.tolist()
     elapsed, data_time = timing.tolist()
-    out = {f"loss_{k}": v for k, v in zip(LOSS_KEYS, means.tolist())}
-    # The weighted Reg term's share of the objective: at small lambda it is ~1e-5, i.e. off in practice.
-    out["reg_share"] = cfg.loss.lambda_reg * out["loss_reg"] / out["loss_total"] if out["loss_total"] else 0.0
+    out = {f"loss_{k}": v for k, v in zip(keys, means.tolist())}
+    if "loss_reg" in out and out.get("loss_total"):
+        # The weighted Reg term's share of the objective: at small lambda it is ~1e-5, i.e. off in practice.
+        out["reg_share"] = cfg.loss.lambda_reg * out["loss_reg"] / out["loss_total"]
     out.update(epoch_time_s=elapsed, data_wait_s=data_time, clips_per_s=n_clips / elapsed,
                frames_per_s=n_frames / elapsed, skipped_samples=int(skipped), batches=int(n_batches),
                lr=engine.get_lr()[0])
     return out
+
+
+def _raise_if_non_finite(bad_step: torch.Tensor, bad_terms: torch.Tensor, keys: list[str], first_step: int,
+                         world_size: int) -> None:
+    """Raise :class:`NonFiniteLossError` on every rank if any rank saw a non-finite loss term.
+
+    Args:
+        bad_step: this rank's index (in this epoch) of its first non-finite step, -1 if none.
+        bad_terms: the loss terms at that step.
+        keys: the terms' names.
+        first_step: the global step before this epoch's first step.
+        world_size: ranks (the flag is MAX-reduced so every rank stops, none waits in a collective).
+    """
+    flag = torch.cat([bad_step.float().view(1), bad_terms])
+    if world_size > 1 and dist.is_initialized():
+        # The lowest bad step wins; a rank without one sends +inf so it never wins.
+        mine = torch.where(flag[0] < 0, torch.full_like(flag[0], float("inf")), flag[0])
+        low = mine.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        if not torch.isfinite(low):
+            return
+        step = int(low.item())
+        terms = "this rank's terms were finite" if mine.item() != low.item() else \
+            ", ".join(f"{k}={v:.4g}" for k, v in zip(keys, flag[1:].tolist()))
+    else:
+        if flag[0].item() < 0:
+            return
+        step = int(flag[0].item())
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(keys, flag[1:].tolist()))
+    raise NonFiniteLossError(f"non-finite loss at global step {first_step + step + 1} ({terms}); training "
+                             f"stopped, the last checkpoint before it is kept (lower optim.lr or check the data)")
 
 
 def start_batches(loader: Iterable[dict]) -> tuple[Iterator[dict], Optional[Iterator]]:
@@ -226,12 +276,17 @@ def _device(cfg: Config) -> torch.device:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry: ``loop_config = {"config": Config.to_dict(), "resume": uri|None, "parent_run_id": id|None}``."""
+    """Ray Train entry, on every rank: seed, model, engine, restore, loaders, then per epoch
+    train → checkpoint → evaluate → report, and the final export.
+
+    Args:
+        loop_config: ``{"config": Config.to_dict(), "resume": checkpoint URL of another run or None,
+            "mlflow_run_id": the run the driver opened, "parent_run_id", "run_name", "verbose"}``.
+    """
     import ray.train
 
     from pipeline.shards import read_manifest
     from pipeline.train_data import LoaderSpec, train_loader
-    from pipeline import evaluation, tracking
 
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
@@ -247,69 +302,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.backends.cudnn.benchmark = True
 
     manifest = read_manifest(cfg.data.shards)
-    num_classes = manifest.num_classes
     steps = batches_per_epoch(cfg, manifest.split("train").num_identities, world)
     # At least one per-step point per epoch, whatever the epoch length.
     cfg.tracking.log_every_steps = min(cfg.tracking.log_every_steps, steps)
-    model = ckpt_lib.build_model_from_config(cfg, num_classes)
+    model = ckpt_lib.build_model_from_config(cfg, manifest.num_classes)
     engine, precision, ds_cfg = build_engine(model, cfg, world_size=world,
                                              steps_per_epoch=steps // cfg.deepspeed.grad_accum)
-    dtype = autocast_dtype(precision)
-    # Where the ranks landed (reported once; the multi-node test checks the spread).
-    nodes: list = [None] * world
-    node = ray.get_runtime_context().get_node_id()
-    if world > 1:
-        dist.all_gather_object(nodes, node)
-    else:
-        nodes = [node]
-    num_nodes = len(set(nodes))
-
-    # Restore: Ray's latest checkpoint after a worker failure, else an explicit --resume checkpoint.
-    meta: dict[str, Any] = {"epoch": 0, "global_step": 0, "best": None, "mlflow_run_id": None}
-    start_ckpt = ray.train.get_checkpoint()
-    restored = False
-    if start_ckpt is not None:
-        with start_ckpt.as_directory() as d:
-            meta.update(ckpt_lib.load(engine, d))
-        restored = True
-    elif loop_config.get("resume"):
-        from pipeline import storage
-
-        src = loop_config["resume"]
-        with tempfile.TemporaryDirectory() as d:
-            if storage.is_s3(src):
-                storage.download_dir(src, d)
-                src = d
-            meta.update(ckpt_lib.load(engine, src))
-        meta["mlflow_run_id"] = None  # a checkpoint resume is a new run
-        restored = True
-    start_epoch = int(meta["epoch"])
-    if restored and rank == 0:
-        log.info("restored epoch %d, global step %d", start_epoch, engine.global_steps)
-
-    tracker = tracking.Tracker(cfg) if rank == 0 else None
-    if tracker is not None:
-        new_run = not meta.get("mlflow_run_id")
-        run_id = tracker.start(cfg, run_id=loop_config.get("mlflow_run_id") or meta.get("mlflow_run_id"),
-                               resumed=not new_run,
-                               parent_run_id=loop_config.get("parent_run_id"),
-                               extra_tags={"precision": precision, "world_size": str(world),
-                                           "num_nodes": str(num_nodes), **pretrained_tags(cfg)})
-        meta["mlflow_run_id"] = run_id
-        if new_run:
-            tracker.log_params(cfg)
-            tracker.log_config(cfg)
-            tracker.log_text(json.dumps(ds_cfg, indent=1), "deepspeed_config.json")
-
-    def on_log(step: int, values: dict) -> None:
-        if tracker is not None:
-            tracker.log_metrics(values, step)
-
-    run_dir = storage_run_dir(ctx)
-    print_epoch = console.EpochPrinter(cfg.optim.epochs, start_epoch)
-    best = meta.get("best")
-    history: dict[str, list] = {}
-    last_eval: dict[str, Any] = {}
+    run = RunState(cfg=cfg, rank=rank, world=world, device=device, dtype=autocast_dtype(precision),
+                   num_classes=manifest.num_classes, run_dir=storage_run_dir(ctx), run_name=run_name,
+                   num_nodes=count_nodes(world))
+    run.meta.update(restore(engine, run, resume=loop_config.get("resume")))
+    start_epoch = run.best_and_start()
+    tracker = start_tracking(run, loop_config, precision=precision, ds_cfg=ds_cfg)
 
     spec = LoaderSpec.from_config(cfg, rank=rank, world_size=world, batches_per_epoch=steps,
                                   pin_memory=device.type == "cuda")  # data.p is global: p // world here
@@ -317,68 +321,228 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def make_loader(epoch: int):
         return train_loader(manifest, spec, epoch=epoch, device=device)
 
+    def on_log(step: int, values: dict) -> None:
+        if tracker is not None:
+            tracker.log_metrics(values, step)
+
+    print_epoch = console.EpochPrinter(cfg.optim.epochs, start_epoch)
     # Each epoch's loader starts during the previous epoch's last step (epoch_batches); a
     # persistent one is made once and its workers move on to the next epoch then.
     with contextlib.closing(epoch_batches(make_loader, start_epoch, cfg.optim.epochs)) as epochs:
         for epoch, batches in epochs:
-            metrics = run_epoch(engine, batches, cfg, dtype=dtype, device=device, world_size=world,
+            metrics = run_epoch(engine, batches, cfg, dtype=run.dtype, device=device, world_size=world,
                                 on_log=on_log)
-            metrics["epoch"] = epoch + 1
-            metrics["num_nodes"] = num_nodes
-            metrics["global_step"] = int(engine.global_steps)
-            is_last = epoch + 1 == cfg.optim.epochs
-            ev = cfg.eval.every_epochs
-            if is_last or (ev and (epoch + 1) % ev == 0):
-                engine.eval()
-                res = evaluation.evaluate(lambda x: engine(x), cfg, embed_dim=cfg.model.embed_dim, rank=rank,
-                                          world_size=world, device=device, dtype=dtype)
-                if res is not None:
-                    last_eval = res
-                    metrics.update({k: v for k, v in res.items() if not k.endswith("cmc")})
-            # Best-so-far decided on rank 0 and shared, so every rank agrees whether to export.
-            flag = torch.zeros(1, device=device)
-            if rank == 0 and cfg.checkpoint.best_metric in metrics:
-                value = metrics[cfg.checkpoint.best_metric]
-                if best is None or value > best:
-                    best = value
-                    flag += 1
-            if world > 1:
-                dist.broadcast(flag, 0)
-            meta.update(epoch=epoch + 1, global_step=int(engine.global_steps), best=best, num_classes=num_classes)
-            if flag.item():
-                state = ckpt_lib.full_state_dict(engine)  # collective under ZeRO-3
-                if rank == 0:
-                    ckpt_lib.export_model(state, cfg, f"{run_dir}/best", num_classes=num_classes,
-                                          metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
-                                          provenance={"mlflow_run_id": meta["mlflow_run_id"], "run_dir": run_dir})
-            if tracker is not None:
-                tracker.log_metrics(tracking.grouped_metrics(metrics), epoch + 1)
-                print_epoch(epoch + 1, metrics)
-                for k, v in metrics.items():
-                    if k in CURVES:
-                        history.setdefault(CURVES[k], []).append((epoch + 1, v))
-            report_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            report_metrics["mlflow_run_id"] = meta["mlflow_run_id"] or ""
-            if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or is_last:
-                # A fresh dir per report: with ASYNC upload Ray deletes it once persisted.
-                d = tempfile.mkdtemp(prefix=driver.ckpt_tmp_prefix(run_name, rank) + f"e{epoch + 1:04d}-")
-                ckpt_lib.save(engine, d, rank=rank, cfg=cfg, meta=meta)
-                ray.train.report(report_metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                                 checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}",
-                                 checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
-                _maybe_inject_failure(cfg, epoch + 1, restored, rank, world)
-            else:
-                ray.train.report(report_metrics)
+            end_epoch(engine, run, tracker, epoch + 1, metrics, print_epoch)
+    finish(engine, run, tracker, trained=start_epoch < cfg.optim.epochs)
 
-    # Final artefacts: exported model (all ranks join the gather under ZeRO-3), figures, MLflow model.
+
+@dataclass
+class RunState:
+    """What one rank carries from epoch to epoch (the rest is in the config)."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    num_classes: int
+    run_dir: str  # URL of the run directory (exports, and the checkpoints a restart looks for)
+    run_name: str
+    num_nodes: int = 1
+    meta: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "global_step": 0, "best": None,
+                                                          "mlflow_run_id": None})
+    best: Optional[float] = None
+    last_eval: dict[str, Any] = field(default_factory=dict)
+
+    def best_and_start(self) -> int:
+        """The restored best metric and epoch to start at."""
+        self.best = self.meta.get("best")
+        return int(self.meta["epoch"])
+
+
+def count_nodes(world: int) -> int:
+    """How many nodes the ranks landed on (reported once; the multi-node test checks the spread)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    nodes: list = [node] * world
+    if world > 1:
+        dist.all_gather_object(nodes, node)
+    return len(set(nodes))
+
+
+def restore(engine, run: RunState, *, resume: Optional[str]) -> dict[str, Any]:
+    """Load the newest complete checkpoint of this run's directory into ``engine`` (after a Ray
+    worker-failure restart, or ``--resume`` of the run), else the checkpoint of another run that
+    ``--resume`` named (a new run: its MLflow run id is dropped), else nothing. Returns its meta.
+
+    The run directory is searched rather than trusting ``ray.train.get_checkpoint()``: Ray's snapshot is
+    missing after Ctrl-C, and may name a checkpoint whose upload never finished. Every rank reaches
+    the same choice (same listing, same manifests); the files are verified again after download.
+
+    Args:
+        engine: the DeepSpeed engine.
+        run: this rank's state (run directory, rank).
+        resume: a checkpoint URL of another run (``--resume <checkpoint>``), or None.
+    """
+    from pipeline import resume as resume_lib, storage
+
+    url, epoch, skipped = resume_lib.newest_complete(run.run_dir)
+    fork = url is None and resume is not None
+    src = url or resume
+    if src is None:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="sta-restore-") as tmp:
+        local = src
+        if storage.is_s3(src):
+            storage.download_dir(src, tmp)
+            local = tmp
+        meta = ckpt_lib.load(engine, local)  # verifies the manifests, reads weights-only
+    if fork:
+        meta["mlflow_run_id"] = None  # a checkpoint of another run starts a new run
+    if run.rank == 0:
+        log.info("restored %s: epoch %d, global step %d%s", src, int(meta.get("epoch", 0)), engine.global_steps,
+                 f" (skipped incomplete {', '.join(n for n, _ in skipped)})" if skipped else "")
+    return meta
+
+
+def start_tracking(run: RunState, loop_config: dict[str, Any], *, precision: str, ds_cfg: dict):
+    """Rank 0's MLflow handle on the run the driver opened (or the checkpoint's run); None elsewhere.
+
+    Params are logged on every start: on a continued run only new keys are added and changed values
+    become ``param_changed.*`` tags (MLflow params cannot be overwritten).
+    """
+    from pipeline import tracking
+
+    if run.rank != 0:
+        return None
+    cfg, meta = run.cfg, run.meta
+    tracker = tracking.Tracker(cfg)
+    new_run = not meta.get("mlflow_run_id")
+    run_id = tracker.start(cfg, run_id=loop_config.get("mlflow_run_id") or meta.get("mlflow_run_id"),
+                           resumed=not new_run, parent_run_id=loop_config.get("parent_run_id"),
+                           extra_tags={"precision": precision, "world_size": str(run.world),
+                                       "num_nodes": str(run.num_nodes), **pretrained_tags(cfg)})
+    meta["mlflow_run_id"] = run_id
+    tracker.log_params(cfg)
+    if new_run:
+        tracker.log_config(cfg)
+        tracker.log_text(json.dumps(ds_cfg, indent=1), "deepspeed_config.json")
+    return tracker
+
+
+def end_epoch(engine, run: RunState, tracker, epoch: int, metrics: dict[str, Any], print_epoch) -> None:
+    """After training epoch ``epoch`` (1-based): checkpoint, then evaluate, then report both.
+
+    The checkpoint is written before evaluation, so an evaluation error never loses the epoch: the
+    checkpoint is still reported, ``final/`` is still exported after the last epoch, and then the
+    error is raised (the run fails, naming it).
+    """
+    import ray.train
+
+    cfg = run.cfg
+    is_last = epoch == cfg.optim.epochs
+    metrics.update(epoch=epoch, num_nodes=run.num_nodes, global_step=int(engine.global_steps))
+    run.meta.update(epoch=epoch, global_step=int(engine.global_steps), best=run.best, num_classes=run.num_classes)
+    ckpt_dir = None
+    if epoch % cfg.checkpoint.every_epochs == 0 or is_last:
+        # A fresh dir per report: with ASYNC upload Ray deletes it once persisted.
+        ckpt_dir = tempfile.mkdtemp(prefix=driver.ckpt_tmp_prefix(run.run_name, run.rank) + f"e{epoch:04d}-")
+        ckpt_lib.save(engine, ckpt_dir, rank=run.rank, world_size=run.world, cfg=cfg, meta=run.meta)
+    ev = cfg.eval.every_epochs
+    failed: Optional[Exception] = None
+    if is_last or (ev and epoch % ev == 0):
+        try:
+            evaluate_and_export_best(engine, run, metrics)
+        except Exception as exc:  # the epoch is kept whatever evaluation does; raised after the report
+            failed = exc
+    if tracker is not None:
+        tracker.log_metrics(tracking_metrics(metrics), epoch)
+        print_epoch(epoch, metrics)
+    report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    report["mlflow_run_id"] = run.meta["mlflow_run_id"] or ""
+    if ckpt_dir is not None:
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
+                         checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+    else:
+        ray.train.report(report)
+    if failed is not None:
+        if is_last:
+            export_final(engine, run)
+        raise RuntimeError(f"evaluation after epoch {epoch} failed ({type(failed).__name__}: {failed}); "
+                           f"checkpoint_epoch_{epoch:04d}{' and final/' if is_last else ''} kept") from failed
+
+
+def tracking_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    from pipeline import tracking
+
+    return tracking.grouped_metrics(metrics)
+
+
+def evaluate_and_export_best(engine, run: RunState, metrics: dict[str, Any]) -> None:
+    """Distributed evaluation into ``metrics``; a new best (decided on rank 0, shared so every rank
+    agrees) is exported to ``<run>/best``."""
+    from pipeline import evaluation
+
+    cfg = run.cfg
+    engine.eval()
+    res = evaluation.evaluate(lambda x: engine(x), cfg, embed_dim=cfg.model.embed_dim, rank=run.rank,
+                              world_size=run.world, device=run.device, dtype=run.dtype)
+    if res is not None:
+        run.last_eval = res
+        metrics.update({k: v for k, v in res.items() if not k.endswith("cmc")})
+    flag = torch.zeros(1, device=run.device)
+    if run.rank == 0 and cfg.checkpoint.best_metric in metrics:
+        value = metrics[cfg.checkpoint.best_metric]
+        if run.best is None or value > run.best:
+            run.best = value
+            flag += 1
+    if run.world > 1:
+        dist.broadcast(flag, 0)
+    run.meta["best"] = run.best
+    if flag.item():
+        state = ckpt_lib.full_state_dict(engine)  # collective under ZeRO-3
+        if run.rank == 0:
+            ckpt_lib.export_model(state, cfg, f"{run.run_dir}/best", num_classes=run.num_classes,
+                                  metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
+                                  provenance={"mlflow_run_id": run.meta["mlflow_run_id"], "run_dir": run.run_dir})
+
+
+def export_final(engine, run: RunState) -> dict[str, torch.Tensor]:
+    """``<run>/final``: the whole model (every rank joins the gather under ZeRO-3); returns its state."""
     state = ckpt_lib.full_state_dict(engine)
-    if rank == 0:
-        final_metrics = {k: v for k, v in last_eval.items() if isinstance(v, float)}
-        ckpt_lib.export_model(state, cfg, f"{run_dir}/final", num_classes=num_classes, metrics=final_metrics,
-                              provenance={"mlflow_run_id": meta["mlflow_run_id"], "run_dir": run_dir})
+    if run.rank == 0:
+        final_metrics = {k: v for k, v in run.last_eval.items() if isinstance(v, float)}
+        ckpt_lib.export_model(state, run.cfg, f"{run.run_dir}/final", num_classes=run.num_classes,
+                              metrics=final_metrics,
+                              provenance={"mlflow_run_id": run.meta["mlflow_run_id"], "run_dir": run.run_dir})
+    return state
+
+
+def finish(engine, run: RunState, tracker, *, trained: bool) -> None:
+    """Final export, then (rank 0) figures, the MLflow model and the run's end.
+
+    A restart that found the run already at its last epoch (the final evaluation had failed, or a
+    finished run was resumed) exports ``final/`` first and then evaluates again, reporting the result.
+
+    Args:
+        trained: whether this attempt trained any epoch (else nothing was evaluated in it).
+    """
+    import ray.train
+
+    state = export_final(engine, run)
+    if not trained and run.cfg.optim.epochs > 0:
+        metrics = {"epoch": run.cfg.optim.epochs, "global_step": int(engine.global_steps)}
+        evaluate_and_export_best(engine, run, metrics)
+        export_final(engine, run)  # now with the metrics
         if tracker is not None:
-            _final_artifacts(tracker, cfg, state, num_classes, last_eval, history)
-            tracker.end("FINISHED")
+            tracker.log_metrics(tracking_metrics(metrics), run.cfg.optim.epochs)
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                         | {"mlflow_run_id": run.meta["mlflow_run_id"] or ""})
+    if tracker is not None:
+        _final_artifacts(tracker, run.cfg, state, run.num_classes, run.last_eval)
+        tracker.end("FINISHED")
 
 
 def pretrained_tags(cfg: Config) -> dict[str, str]:
@@ -401,17 +565,7 @@ def storage_run_dir(ctx) -> str:
     return ckpt_lib.storage_url(st.experiment_fs_path, st.storage_filesystem)
 
 
-def _maybe_inject_failure(cfg: Config, epoch: int, restored: bool, rank: int, world: int) -> None:
-    """Fault injection for tests: the last rank dies right after the checkpoint of epoch N, once."""
-    target = cfg.failure.inject_at_epoch or int(os.environ.get("STA_INJECT_FAILURE_EPOCH", "0"))
-    if target and epoch == target and not restored and rank == world - 1:
-        log.warning("injected failure: rank %d exits after epoch %d's checkpoint", rank, epoch)
-        # Give Ray's async upload of this rank's shard time to finish before the process dies.
-        time.sleep(float(os.environ.get("STA_INJECT_FAILURE_DELAY_S", "5")))
-        os._exit(1)
-
-
-def _final_artifacts(tracker, cfg: Config, state: dict, num_classes: int, last_eval: dict, history: dict) -> None:
+def _final_artifacts(tracker, cfg: Config, state: dict, num_classes: int, last_eval: dict) -> None:
     from pipeline import viz
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -419,8 +573,9 @@ def _final_artifacts(tracker, cfg: Config, state: dict, num_classes: int, last_e
             extra = {"re-ranked": last_eval["rr_cmc"]} if "rr_cmc" in last_eval else None
             tracker.log_artifact(viz.plot_cmc(last_eval["cmc"], os.path.join(tmp, "cmc.png"), label=cfg.model.kind,
                                               extra=extra))
-        if history:
-            tracker.log_artifact(viz.plot_curves(history, os.path.join(tmp, "curves.png"), title=cfg.name))
+        curves = curves_from_mlflow(tracker)
+        if curves:
+            tracker.log_artifact(viz.plot_curves(curves, os.path.join(tmp, "curves.png"), title=cfg.name))
         model = ckpt_lib.build_model_from_config(_no_pretrained(cfg), num_classes)
         model.load_state_dict(state)
         model.eval()
@@ -434,6 +589,24 @@ def _final_artifacts(tracker, cfg: Config, state: dict, num_classes: int, last_e
                               metrics={f"eval/{k}": v for k, v in last_eval.items() if isinstance(v, float)})
 
 
+def curves_from_mlflow(tracker) -> dict[str, list[tuple[int, float]]]:
+    """Every epoch metric of the run as MLflow holds it (``name -> [(epoch, value)]``), for curves.png:
+    panels by group (``train``, ``eval``, ``system``), loss terms in a ``loss`` panel of their own;
+    per-step series are left out. Nothing is kept on the side while training."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracker.uri)
+    out = {}
+    for key in client.get_run(tracker.run_id).data.metrics:
+        group, _, name = key.partition("/")
+        if group == "step" or not name:
+            continue
+        panel, name = ("loss", name[len("loss_"):]) if name.startswith("loss_") else (group, name)
+        history = sorted(client.get_metric_history(tracker.run_id, key), key=lambda m: (m.step, m.timestamp))
+        out[f"{panel}/{name}"] = [(int(m.step), float(m.value)) for m in history]
+    return out
+
+
 def _no_pretrained(cfg: Config) -> Config:
     d = cfg.to_dict()
     d["model"]["pretrained"] = None
@@ -441,15 +614,16 @@ def _no_pretrained(cfg: Config) -> Config:
 
 
 def _heatmaps(model: torch.nn.Module, cfg: Config, path: str) -> str:
-    """The paper's figure: a few query clips with spatial maps and the N×K score matrix."""
+    """The paper's figure: a few query clips (``eval.clip_len`` frames, as evaluation cuts them) with
+    spatial maps and the N×K score matrix. Clips arrive as uint8 and go through ``model_input``, the one
+    normalisation site; the frames are drawn as read."""
     from pipeline import viz
     from pipeline.eval_data import eval_loader
-    from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     want = cfg.tracking.heatmaps
     panels, seen = [], set()
-    loader = eval_loader(cfg.data.shards, "query", clip_len=cfg.data.clip_len, height=cfg.data.height,
-                         width=cfg.data.width, num_workers=0, clips_per_batch=16)
+    loader = eval_loader(cfg.data.shards, "query", clip_len=cfg.eval.clip_len, height=cfg.data.height,
+                         width=cfg.data.width, num_workers=0, clips_per_batch=16, normalize=False)
     for batch in loader:
         for i in range(batch["clips"].shape[0]):
             idx = int(batch["index"][i])
@@ -457,8 +631,8 @@ def _heatmaps(model: torch.nn.Module, cfg: Config, path: str) -> str:
                 continue
             seen.add(idx)
             clip = batch["clips"][i:i + 1]
-            g, S = attention_clips(model, clip)
-            frames = viz.denormalize(clip[0], IMAGENET_MEAN, IMAGENET_STD)
+            g, S = attention_clips(model, model_input(clip, torch.device("cpu"), torch.float32))
+            frames = clip[0].numpy() if clip.dtype == torch.uint8 else viz.denormalize(clip[0])
             panels.append((frames, g[0].numpy(), S[0].numpy(), f"query {idx} (pid {int(batch['pids'][i])})"))
             if len(panels) >= want:
                 break

@@ -46,10 +46,14 @@ def test_extract_averages_clip_embeddings_per_tracklet(tiny):
     assert got.skipped == 0
 
 
-def test_extract_refuses_to_score_unseen_tracklets(tiny):
-    # One rank of two without the all-reduce sees only its slice: the others must not be scored as zeros.
-    with pytest.raises(RuntimeError, match="produced no clip"):
-        extract(_forward, tiny, "query", embed_dim=3, rank=0, world_size=2)
+def test_extract_leaves_out_and_counts_tracklets_without_a_clip(tiny):
+    # One rank of two without the all-reduce sees only its slice: the others have no clip (as when all
+    # of a tracklet's frames are corrupt). They are left out and counted, never scored as zeros.
+    full = extract(_forward, tiny, "query", embed_dim=3)
+    half = extract(_forward, tiny, "query", embed_dim=3, rank=0, world_size=2)
+    assert 0 < half.skipped_tracklets < len(full.feats) and full.skipped_tracklets == 0
+    assert len(half.feats) == len(full.feats) - half.skipped_tracklets
+    assert not (half.feats == 0).all(1).any() and (half.pids >= 0).all()
 
 
 def test_score_ranks_and_rerank():

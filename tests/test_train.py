@@ -106,14 +106,16 @@ def test_train_end_to_end_s3_checkpoints_mlflow(tiny_shards, s3_bucket, tmp_path
 
 def test_fault_injection_restores_from_checkpoint(tiny_shards, tmp_path, ray_shutdown, monkeypatch):
     """Rank 1 dies after epoch 2's checkpoint; Ray restarts from it; epochs/steps continue without repeats."""
+    from faults import use_failing_loop
     from pipeline.train import main
 
+    use_failing_loop(monkeypatch, fail_at_epoch=2)  # the test's wrapper loop, not a production knob
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     raw, shards = tiny_shards
     summary = main(["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.root={raw}", f"data.shards={shards}",
                     f"checkpoint.storage_path={tmp_path}/runs", f"tracking.uri={uri}", "tracking.run_name=ft",
-                    "optim.epochs=4", "failure.inject_at_epoch=2", "failure.max_failures=1", "checkpoint.keep=4",
+                    "optim.epochs=4", "failure.max_failures=1", "checkpoint.keep=4",
                     "data.decode=device"])  # JPEGs decoded by the training process (CPU here)
     assert summary["error"] is None and summary["epochs"] == 4
     client, runs = _mlflow_runs(uri, "sta-tiny")
