@@ -133,3 +133,48 @@ def test_cli_exits_2_before_ray_is_imported(tmp_path, entry):
     assert "EXIT 2 False" in res.stdout, res.stdout + res.stderr
     err = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith(f"config error: {key}:"), res.stderr
+
+
+# --------------------------------------------------------------------------- pydantic settings (issue 14 §1)
+
+def test_cli_overrides_parsed_by_type():
+    spec = parse_tune_config(spec_dict({"optim.lr": {"choice": [1e-3]}}),
+                             overrides=["tune.name=2024", "tune.reduction_factor=3", "tune.resources={CPU: 2}",
+                                        "name=2024", "search.loss.margin={uniform: [1e-2, 5e-1]}"])
+    assert spec.tune.name == "2024" and spec.base.name == "2024"
+    assert spec.tune.reduction_factor == 3.0 and spec.tune.resources == {"CPU": 2.0}
+    assert spec.search["loss.margin"].args == [0.01, 0.5]
+    assert spec.source["tune"]["name"] == "2024"
+    for text, fragment in [("tune.num_samples=x", "tune.num_samples: expected int, got 'x'"),
+                           ("tune.nope=1", "tune.nope: unknown key (valid: grace_period, max_concurrent"),
+                           ("tune.name=a/b", "tune.name: must be a non-empty name without '/'"),
+                           ("tune.resources={GPU: -1}", "tune.resources.GPU: must be >= 0, got -1")]:
+        with pytest.raises(SearchSpaceError) as e:
+            parse_tune_config(spec_dict({"optim.lr": {"choice": [1e-3]}}), overrides=[text])
+        assert str(e.value).startswith(fragment), str(e.value)
+
+
+def test_tune_yaml_floats_without_dot_and_duplicates(tmp_path):
+    p = tmp_path / "t.yaml"
+    p.write_text(f"base:\n  config: {TINY}\n  overrides: {{eval.every_epochs: 1}}\n"
+                 "search:\n  optim.lr: {loguniform: [1e-4, 1e-2]}\n")
+    assert load_tune_config(p).search["optim.lr"].args == [1e-4, 1e-2]
+    p.write_text(p.read_text() + "  optim.lr: {choice: [1.0e-3]}\n")
+    with pytest.raises(SearchSpaceError, match=r"^search\.optim\.lr: duplicate key in .*t\.yaml \(lines 5 and 6\)$"):
+        load_tune_config(p)
+    p.write_bytes(b"\x00\xff\xfe binary")
+    with pytest.raises(SearchSpaceError, match=r"^--config: "):
+        load_tune_config(p)
+
+
+def test_search_values_as_text_are_parsed_by_the_key_type():
+    """A choice of strings in the tune YAML is parsed by the config field's type, like a CLI override."""
+    spec = parse_tune_config(spec_dict({"data.clip_len": {"choice": ["2", "4"]}, "name": {"choice": ["2024"]}}))
+    from pipeline.config import apply_overrides
+
+    cfg = apply_overrides(spec.base, {"data.clip_len": "4", "name": "2024"})
+    assert cfg.data.clip_len == 4 and cfg.name == "2024"
+    with pytest.raises(SearchSpaceError, match=r"^search\.data\.p: value 6 rejected: data\.p: 6 identities per global "
+                                                 r"batch do not divide over scaling\.num_workers=4 ranks"):
+        parse_tune_config(spec_dict({"data.p": {"choice": [4, 6]}}, overrides={"eval.every_epochs": 1,
+                                                                            "scaling.num_workers": 4}))
