@@ -305,7 +305,7 @@ def main(argv=None) -> str:
     bad = sum(r["status"] != "finished" for rows in sweeps.values() if rows for r in rows)
     lines += ["## Runs", "", f"{n} trials, {bad} not finished"
               + (f"; a run's wall time {statistics.mean(secs):.0f} s on average ({min(secs):.0f}–{max(secs):.0f} s), "
-                 "2 runs at a time on a shared 2-core machine." if secs else "."), ""]
+                 "3 runs at a time on a shared 2-core machine." if secs else "."), ""]
     text = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(text)
