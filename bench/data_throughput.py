@@ -4,12 +4,16 @@ Data: a synthetic dataset (``pipeline.synthetic``, DukeV layout, JPEG frames) pa
 with ``pipeline.pack``. Cases, all with the same clip sampling (restricted random, N frames),
 clip-consistent flip, resize to the target size and ImageNet normalisation, P x K batches:
 
-* ``stream_local`` -- ``pipeline.stream.train_loader`` over local shards, ``persistent=True`` as
+* ``stream_local`` -- ``pipeline.train_data.train_loader`` over local shards, ``persistent=True`` as
   training uses it (``pipeline.worker.epoch_batches``): one loader whose worker process is forked
   once and serves each repeat's epoch (its first epoch, with the fork, is reported apart);
 * ``stream_local_u8`` -- the same with ``normalize=False``: uint8 clips, normalisation left to
   the GPU (``normalize_clips`` after ``.to(device)``), the intended training setup;
 * ``stream_local_u8_fresh`` -- ``stream_local_u8`` with a new loader (a fork) every epoch;
+* ``stream_local_u8_stock_tar`` -- ``stream_local_u8`` with webdataset's tar stage for every shard
+  (``tar_blocks=False``) instead of the block stage: the A/B that decides whether the block stage stays;
+* ``stream_local_u8_no_ring`` -- ``stream_local_u8`` without batch-buffer reuse (``reuse_buffers=False``):
+  the A/B that decides whether the ring stays;
 * ``stream_local_jpeg`` -- ``decode="device"`` with device ``cpu``: the worker ships the sampled
   JPEGs, the main process decodes them (libjpeg-turbo) into the batch; on a GPU this decode is
   nvJPEG's. Same output as ``stream_local_u8``;
@@ -80,8 +84,8 @@ from pipeline.train import free_port  # noqa: E402
 
 from pipeline import storage  # noqa: E402
 from pipeline.datasets import load_dataset  # noqa: E402
-from pipeline.stream import IMAGENET_MEAN, IMAGENET_STD, train_loader  # noqa: E402
-from pipeline.transforms import frame_buffer, restricted_sample  # noqa: E402
+from pipeline.train_data import train_loader  # noqa: E402
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, frame_buffer, restricted_sample  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _loop_baselines import wds_stock_loader  # noqa: E402
@@ -264,6 +268,10 @@ def main(argv=None) -> int:
         "stream_local_u8": lambda: train_loader(shards_url, epoch=0, normalize=False, persistent=True, **common),
         "stream_local_jpeg": lambda: train_loader(shards_url, epoch=0, normalize=False, decode="device",
                                                   device="cpu", persistent=True, **common),
+        "stream_local_u8_stock_tar": lambda: train_loader(shards_url, epoch=0, normalize=False, persistent=True,
+                                                          tar_blocks=False, **common),
+        "stream_local_u8_no_ring": lambda: train_loader(shards_url, epoch=0, normalize=False, persistent=True,
+                                                        reuse_buffers=False, **common),
     }
     train_shards = [os.path.join(shards_url, sh["name"]) for sh in man["splits"]["train"]["shards"]]
     persistent["wds_stock"] = lambda: wds_stock_loader(train_shards, clip_len=N, p=P, k=K, height=H, width=W,
@@ -412,6 +420,10 @@ def main(argv=None) -> int:
     ratios["stream_local_u8_vs_raw_decode_aligned"] = per_repeat("stream_local_u8", "raw_decode_aligned")
     ratios["stream_local_u8_vs_wds_stock"] = per_repeat("stream_local_u8", "wds_stock")
     ratios["stream_local_u8_vs_wds_stock_cpu"] = per_repeat("stream_local_u8", "wds_stock", "frames_per_cpu_s")
+    for ab in ("stock_tar", "no_ring"):  # what the block stage and the ring are worth, same run
+        ratios[f"stream_local_u8_vs_{ab}"] = per_repeat("stream_local_u8", f"stream_local_u8_{ab}")
+        ratios[f"stream_local_u8_vs_{ab}_cpu"] = per_repeat("stream_local_u8", f"stream_local_u8_{ab}",
+                                                            "frames_per_cpu_s")
     for name, v in summary.items():
         if "server_cpu_s" in v:
             print(f"{name}: S3 server (its own process) {v['server_cpu_s']:.2f} CPU-s per epoch, "

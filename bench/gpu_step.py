@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     from pipeline.checkpoint import build_model_from_config
     from pipeline.config import load_config
     from pipeline.engine import autocast_dtype, build_engine, compile_engine
-    from pipeline.stream import train_loader
+    from pipeline.train_data import train_loader
     from pipeline.worker import train_step
 
     shards = prepare_shards(a.data, a)

@@ -89,7 +89,7 @@ def _memory(overrides_tiny: list[str]) -> list[dict]:
 
 def _loader_profile(url: str, common: dict) -> dict:
     """The loader worker's time by kind, from cProfile of the in-process stream."""
-    from pipeline.stream import train_loader
+    from pipeline.train_data import train_loader
 
     prof = cProfile.Profile(time.process_time)  # CPU time: robust to other load on the machine
     prof.enable()
@@ -104,7 +104,7 @@ def _loader_profile(url: str, common: dict) -> dict:
 
     decode = cum(lambda k: k[2] == "decode_into")  # libjpeg-turbo (simplejpeg) + the flip
     flip = cum(lambda k: "flip" in k[2] and "TensorBase" in k[2])
-    parse = cum(lambda k: k[2] == "iter_samples")
+    parse = cum(lambda k: k[2] == "shard_samples")
     return {"total_s": total, "decode_into_s": decode, "of_which_flip_s": flip,
             "tar_parse_validate_s": parse, "other_s": total - decode - parse}
 
@@ -128,7 +128,8 @@ def main(argv=None) -> int:
     from pipeline import synthetic
     from pipeline.config import load_config
     from pipeline.engine import autocast_dtype, build_engine
-    from pipeline.stream import read_manifest, train_loader
+    from pipeline.shards import read_manifest
+    from pipeline.train_data import train_loader
     from sta_model.losses import combined_loss
 
     cfg = load_config(os.path.join(ROOT, "configs", "synthetic.yaml"), [])

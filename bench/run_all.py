@@ -149,6 +149,10 @@ def _rows(name: str, res: dict) -> list[str]:
             labels[f"wds_stock_{key}" if key.startswith("first") else f"wds_stock_vs_{key}"] = (wds, base, "-", None)
         labels["stream_local_u8_vs_wds_stock"] = (u8, wds, "-", None)
         labels["stream_local_u8_vs_wds_stock_cpu"] = (f"{u8}, frames per CPU-s", f"{wds}, per CPU-s", "-", None)
+        for ab, what in (("stock_tar", "the same with webdataset's tar stage instead of the block stage"),
+                         ("no_ring", "the same without batch-buffer reuse")):
+            labels[f"stream_local_u8_vs_{ab}"] = (u8, what, "-", None)
+            labels[f"stream_local_u8_vs_{ab}_cpu"] = (f"{u8}, frames per CPU-s", f"{what}, per CPU-s", "-", None)
         # absolute rates on the headline rows (medians over the repeats)
         sm = res.get("summary", {})
         rate = lambda c: f" ({sm[c]['frames_per_s']:.0f} frames/s, {sm[c]['clips_per_s']:.0f} clips/s)"  # noqa: E731

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import Config
-from pipeline.stream import eval_loader, read_manifest
+from pipeline.eval_data import eval_loader
+from pipeline.shards import read_manifest
 from pipeline.transforms import model_input
 from sta_model.distance import euclidean_squared
 from sta_model.metrics import evaluate_rank
@@ -41,13 +42,14 @@ def extract(forward: Callable[[torch.Tensor], torch.Tensor], cfg: Config, split:
             dtype: torch.dtype = torch.float32, url: Optional[str] = None) -> SplitFeatures:
     """Embed every tracklet of ``split``; all ranks return the full, identical result."""
     url = url or cfg.data.shards
-    n = int(read_manifest(url)["splits"][split]["num_tracklets"])
+    manifest = read_manifest(url)  # once: the loader gets it too
+    n = manifest.split(split).num_tracklets
     sums = torch.zeros(n, embed_dim, dtype=torch.float32, device=device)
     counts = torch.zeros(n, dtype=torch.float32, device=device)
     # -1 marks "not seen here"; MAX-reduce keeps the one rank's real value.
     meta = torch.full((2, n), -1, dtype=torch.long, device=device)
     skipped = torch.zeros(1, dtype=torch.long, device=device)
-    loader = eval_loader(url, split, clip_len=cfg.eval.clip_len, height=cfg.data.height, width=cfg.data.width,
+    loader = eval_loader(manifest, split, clip_len=cfg.eval.clip_len, height=cfg.data.height, width=cfg.data.width,
                          rank=rank, world_size=world_size, num_workers=cfg.eval.num_workers,
                          clips_per_batch=cfg.eval.clips_per_batch, normalize=False,
                          pin_memory=device.type == "cuda", cache_dir=cfg.data.cache_dir,

@@ -40,14 +40,11 @@ import tempfile
 from PIL import Image
 
 from pipeline import storage
+from pipeline.shards import FORMAT, MANIFEST, SHARD_RE, SPLITS, frame_name, member_bytes, sample_key, shard_name
 from pipeline.datasets import DatasetError, Tracklet, load_dataset
 
 log = logging.getLogger(__name__)
 
-FORMAT = "sta-reid-shards/1"
-SPLITS = ("train", "query", "gallery")
-MANIFEST = "manifest.json"
-SHARD_RE = re.compile(r"^(train|query|gallery)-\d{6}\.tar$")
 TAR_MTIME = 946684800  # fixed member metadata -> same bytes for the same input
 RESIZE_QUALITY = 95
 MAX_EXAMPLES = 20
@@ -55,14 +52,6 @@ MAX_EXAMPLES = 20
 
 class PackError(RuntimeError):
     """A strict pack met bad input, or the input cannot be packed."""
-
-
-def shard_name(split: str, i: int) -> str:
-    return f"{split}-{i:06d}.tar"
-
-
-def _tar_entry_bytes(n: int) -> int:
-    return 512 + (n + 511) // 512 * 512  # header + data padded to blocks
 
 
 def _tar_size(entries_bytes: int) -> int:
@@ -178,6 +167,10 @@ def pack(dataset: str, root: str, out: str, *, shard_bytes: int = 256 << 20, res
     manifest = {"format": FORMAT, "dataset": dataset, "created": None,
                 "resize": list(resize) if resize else None, "num_classes": ds.num_train_pids,
                 "splits": {}, "skipped": skipped}
+    if dataset == "synthetic":  # the generator's parameters: a config asking for other data can tell
+        from pipeline.synthetic import _read_marker
+
+        manifest["synthetic"] = (_read_marker(root) or {}).get("params")
     uploaded, reused = [], []
     total = sum(len(ds.split(s)) for s in SPLITS)
     bar = tqdm(total=total, unit="tracklet", desc=f"pack {dataset}", disable=not progress)
@@ -209,14 +202,14 @@ def pack(dataset: str, root: str, out: str, *, shard_bytes: int = 256 << 20, res
                     continue
                 entries = []  # (member name, bytes) of the whole group, in order
                 for k, (t, frames) in enumerate(samples):
-                    key = f"{split}_{index + k:07d}"
+                    key = sample_key(split, index + k)
                     meta = {"pid": t.pid, "camid": t.camid, "dataset": dataset, "split": split,
                             "n_frames": len(frames), "index": index + k, "tracklet": t.tracklet,
                             # lets readers take the frames as one block, no per-frame header parse
                             "frame_bytes": [len(f) for f in frames]}
                     entries.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
-                    entries += [(f"{key}.{i:03d}.jpg", data) for i, data in enumerate(frames)]
-                size = sum(_tar_entry_bytes(len(d)) for _, d in entries)
+                    entries += [(frame_name(key, i), data) for i, data in enumerate(frames)]
+                size = sum(member_bytes(len(d)) for _, d in entries)
                 if cur is not None and cur.tracklets and _tar_size(cur.bytes + size) > shard_bytes:
                     finish(cur)
                     cur = None
@@ -271,6 +264,11 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    try:  # missing bucket, endpoint down, no or wrong credentials: one line before any work
+        storage.check(a.out)
+    except storage.StorageError as e:
+        print(f"pack failed: {e}", file=sys.stderr)
+        return 2
     try:
         if a.dataset == "synthetic" and not os.path.exists(os.path.join(a.root, "synthetic.json")):
             from pipeline.synthetic import generate

@@ -222,8 +222,8 @@ def decode_clips(jpegs: np.ndarray, offsets: np.ndarray, flips: np.ndarray, eras
     decode. Elsewhere ``decode_many(list of 1-D uint8 CPU tensors) -> list of (3, h, w) uint8
     tensors on device`` decodes the batch in one call (default: nvJPEG); frames of another size are
     resized bilinearly on the device (antialiased; close to, not bit-equal with, PIL's resize).
-    A frame that does not decode (also not on the CPU) is counted, and its clip is replaced by
-    another clip of the same identity in the batch (P x K stays intact), or the fill colour."""
+    A frame that does not decode (also not on the CPU) is counted, and its clip replaced as
+    ``replace_bad_clips`` says."""
     b = len(flips)
     fill = torch.as_tensor(np.asarray(fill, dtype=np.uint8))
     bad: set[int] = set()
@@ -263,11 +263,24 @@ def decode_clips(jpegs: np.ndarray, offsets: np.ndarray, flips: np.ndarray, eras
     for c in np.flatnonzero(erase[:, 2]):  # after the flip, as the loader does
         y, x, h, w = (int(v) for v in erase[c])
         out[c, :, y:y + h, x:x + w] = fill
+    replace_bad_clips(out, bad, pids, fill)
+    return out, len(bad)
+
+
+def replace_bad_clips(clips, bad, pids, fill) -> None:
+    """The training streams' bad-frame policy, one for both decode paths (``decode="loader"`` in
+    the loader process, ``decode_clips`` on the device): a clip with a frame that does not decode
+    is overwritten, in place, by the first good clip of the same identity in the batch (P x K
+    stays intact), or by the fill colour when its identity has none. The caller counts each such
+    clip once in the batch's ``skipped``.
+
+    Args:
+        clips: the batch, ``(B, ...)`` (tensor or array), with flips and erasing applied.
+        bad: indices of the clips to replace.
+        pids: ``(B,)`` identity of each clip.
+        fill: what a clip without a donor becomes (broadcast; the mean colour).
+    """
     pids = np.asarray(pids)
     for c in sorted(bad):
         donors = [d for d in np.flatnonzero(pids == pids[c]) if d not in bad]
-        if donors:
-            out[c] = out[donors[0]]
-        else:
-            out[c] = fill
-    return out, len(bad)
+        clips[c] = clips[donors[0]] if donors else fill

@@ -7,7 +7,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.evaluation import SplitFeatures, extract, format_table, score
-from pipeline.stream import eval_loader
+from pipeline.eval_data import eval_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -60,7 +60,7 @@ def test_nvjpeg_batch_close_to_cpu_decode():
 def test_device_decode_loader_batches_match_loader_decode(tmp_path):
     pytest.importorskip("torchvision")
     from pipeline.pack import pack
-    from pipeline.stream import train_loader
+    from pipeline.train_data import train_loader
     from pipeline.synthetic import generate
 
     gen = generate(str(tmp_path / "raw"), num_ids=8, num_test_ids=2, tracklets_per_id=2,

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from pipeline import shard_cache, storage
-from pipeline.stream import eval_loader, iter_samples, read_manifest, train_loader
+from pipeline.eval_data import eval_loader
+from pipeline.reading import shard_samples
+from pipeline.shards import read_manifest
+from pipeline.train_data import train_loader
 
 
 def _put(bucket: str, name: str, data: bytes) -> tuple[str, tuple[int, str]]:
@@ -146,13 +149,13 @@ def test_loaders_read_s3_shards_once_then_from_the_cache(packed, s3_bucket, tmp_
     for a, b in zip(streamed, cached, strict=True):  # the same batches, epoch for epoch
         for (ca, pa, sa), (cb, pb, sb) in zip(a, b, strict=True):
             assert torch.equal(ca, cb) and torch.equal(pa, pb) and sa == sb == 0
-    c = shard_cache.for_manifest(url, man["splits"]["train"], cache_dir, 100.0)
+    c = shard_cache.for_manifest(url, man.raw["splits"]["train"], cache_dir, 100.0)
     read = [u for u in c.expected if os.path.exists(c.path(u))]
     assert read, "the shards the loader read are cached"
     for u in read:  # each copy is the object, verified
         with open(c.path(u), "rb") as f:
             assert hashlib.sha256(f.read()).hexdigest() == c.expected[u][1]
-        assert [m for _, m, _ in iter_samples(u, cache=c)] == [m for _, m, _ in iter_samples(u)]
+        assert [m for _, m, _ in shard_samples(u, cache=c)] == [m for _, m, _ in shard_samples(u)]
     # evaluation caches its shards too, and then reads nothing from S3
     q = eval_loader(url, "query", clip_len=3, height=16, width=8, num_workers=0, cache_dir=cache_dir)
     first = [(b["index"].clone(), b["clips"].clone()) for b in q]

@@ -24,7 +24,7 @@ def shards(tmp_path_factory):
 
 def _loader(url, epoch, num_workers=1, persistent=False):
     """As train_loop_per_worker builds it (uint8 pass-through), one worker process."""
-    from pipeline.stream import train_loader
+    from pipeline.train_data import train_loader
 
     return train_loader(url, clip_len=N, p=P, k=K, height=H, width=W, batches_per_epoch=STEPS,
                         epoch=epoch, seed=3, num_workers=num_workers, normalize=False,
