@@ -49,8 +49,17 @@ def prepare_data(cfg: Config) -> dict[str, Any]:
     from pipeline import storage
     from pipeline.shards import read_manifest
 
-    if storage.exists(storage.join(cfg.data.shards, "manifest.json")):
-        return read_manifest(cfg.data.shards).raw
+    check_stores(cfg)
+    try:  # a manifest that is not one, or a store failing now: one line, exit 2
+        found = storage.exists(storage.join(cfg.data.shards, "manifest.json"))
+        manifest = read_manifest(cfg.data.shards).raw if found else None
+    except (storage.StorageError, ValueError) as exc:
+        raise ConfigError(f"data.shards: {exc}") from None
+    stale = synthetic_mismatch(cfg, manifest) if manifest else None
+    if manifest and not stale:
+        return manifest
+    if stale:
+        print(f"data.synthetic differs from the data at {cfg.data.shards} ({stale}): regenerating it")
     if cfg.data.dataset != "synthetic" or not cfg.data.prepare:
         raise ConfigError(f"data.shards: no dataset at {cfg.data.shards} (no manifest.json); pack it first: "
                           f"python -m pipeline.pack --dataset {cfg.data.dataset} --root <raw> --out {cfg.data.shards}")
@@ -65,6 +74,39 @@ def prepare_data(cfg: Config) -> dict[str, Any]:
     pack("synthetic", cfg.data.root, cfg.data.shards, progress=False)
     print(f"prepared synthetic dataset: {cfg.data.root} -> {cfg.data.shards} ({time.perf_counter() - t:.1f}s)")
     return read_manifest(cfg.data.shards).raw
+
+
+def check_stores(cfg: Config, resume: Optional[str] = None) -> None:
+    """``data.shards``, ``checkpoint.storage_path`` and ``--resume`` are stores this process can use
+    (scheme, bucket, endpoint, credentials; :func:`pipeline.storage.check`), else a ``ConfigError``
+    naming the key: asked once, in seconds, before anything lists or reads them."""
+    from pipeline import storage
+
+    for key, url in (("data.shards", cfg.data.shards), ("checkpoint.storage_path", cfg.checkpoint.storage_path),
+                     ("--resume", resume)):
+        try:
+            if url:
+                storage.check(url)
+        except storage.StorageError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+
+
+def synthetic_mismatch(cfg: Config, manifest: dict) -> Optional[str]:
+    """For a synthetic dataset the pipeline prepares: the ``data.synthetic`` keys that differ from the
+    generator parameters the shards were made with (the manifest's, else the raw root's marker), as
+    ``"num_ids 8 -> 10"``; None when they agree or nothing says what they were."""
+    if cfg.data.dataset != "synthetic" or not cfg.data.prepare:
+        return None
+    from pipeline.synthetic import _params, _read_marker
+
+    s = cfg.data.synthetic
+    want = _params(num_ids=s.num_ids, num_test_ids=s.num_test_ids, tracklets_per_id=s.tracklets_per_id,
+                   frames_per_tracklet=(s.min_frames, s.max_frames), height=s.height, width=s.width,
+                   num_cameras=s.num_cameras, occlusion_prob=s.occlusion_prob, seed=s.seed)
+    have = manifest.get("synthetic") or (_read_marker(cfg.data.root) or {}).get("params")
+    if not have:
+        return None
+    return ", ".join(f"{k} {have.get(k)} -> {v}" for k, v in want.items() if have.get(k) != v) or None
 
 
 def init_ray(cfg: Config, address: Optional[str] = None, *, min_cpus: int = 0) -> None:
@@ -86,6 +128,13 @@ def init_ray(cfg: Config, address: Optional[str] = None, *, min_cpus: int = 0) -
         return
     # Logical CPUs for every training worker (DataLoader processes are not Ray tasks) and its driver.
     need = max(int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 1, min_cpus)
+    from sta_model.threads import usable_cpus
+
+    asked, have = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, usable_cpus(omp=False)
+    if asked > have:  # Ray is given the CPUs anyway (logical CPUs); the workers then time-share them
+        print(f"warning: scaling.num_workers={cfg.scaling.num_workers} x scaling.cpus_per_worker="
+              f"{cfg.scaling.cpus_per_worker:g} = {asked:g} CPUs, but this machine has {have} usable: "
+              f"the workers will share them and run slower", file=sys.stderr)
     # The dashboard stays on (loopback only): Ray Train's placement-group cleanup needs its state API,
     # and finds it by auto-detection, which fails when another local Ray runs on the machine
     # ("multiple active Ray instances"); pin the port and point every process of this cluster at it
@@ -188,6 +237,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         from pipeline.driver import check_job_paths
 
         check_job_paths(cfg)
+        check_stores(cfg, args.resume)
         # Where the run writes and what it restores (pipeline.resume): decided and checked before Ray.
         plan = resume.plan_run(args.resume, cfg, run_name=run_name)
         manifest = prepare_data(cfg)

@@ -17,9 +17,13 @@ from typing import Iterator, Optional
 import torch
 
 
-def usable_cpus() -> int:
+def usable_cpus(omp: bool = True) -> int:
     """CPUs this process may run on: the affinity mask, capped by a cgroup CPU quota and by
-    ``OMP_NUM_THREADS`` when set (Ray sets it to the CPUs it gave the task)."""
+    ``OMP_NUM_THREADS`` when set (Ray sets it to the CPUs it gave the task).
+
+    Args:
+        omp (bool): apply the ``OMP_NUM_THREADS`` cap (False: the machine's CPUs for this process).
+    """
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -31,9 +35,9 @@ def usable_cpus() -> int:
             n = min(n, max(1, int(int(quota) // int(period))))
     except (OSError, ValueError):
         pass
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    if omp.isdigit() and int(omp) > 0:
-        n = min(n, int(omp))
+    cap = os.environ.get("OMP_NUM_THREADS", "") if omp else ""
+    if cap.isdigit() and int(cap) > 0:
+        n = min(n, int(cap))
     return max(1, n)
 
 

@@ -35,7 +35,7 @@ class TcpProxy:
         self._listener = None
         self.port = port
         self.cuts: list[tuple[float, float | None]] = []  # (cut at, restored at), time.time()
-        self._trigger: tuple[bytes, float] | None = None
+        self._triggers: list[tuple[bytes, float]] = []
         self.triggered = threading.Event()
         self._listen()
 
@@ -88,17 +88,19 @@ class TcpProxy:
 
     def cut_when(self, pattern: bytes, seconds: float) -> None:
         """Cut the link when a client sends bytes containing ``pattern`` (e.g. the request line of
-        an upload), before they reach the server, and restore it ``seconds`` later."""
-        self._trigger = (pattern, seconds)
+        an upload), before they reach the server, and restore it ``seconds`` later. Each call arms
+        one cut, which fires once."""
+        with self._lock:
+            self._triggers.append((pattern, seconds))
 
     def _fire(self, data: bytes) -> bool:
-        trig = self._trigger
-        if trig is None or trig[0] not in data:
+        if not self._triggers:
             return False
         with self._lock:
-            if self._trigger is None:
+            trig = next((t for t in self._triggers if t[0] in data), None)
+            if trig is None:
                 return False
-            self._trigger = None
+            self._triggers.remove(trig)
         print(f"tcp_proxy: cut on {trig[0]!r} for {trig[1]:.0f} s", flush=True)
         self.cut()
         threading.Timer(trig[1], self._restore_and_flag).start()
@@ -144,13 +146,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", required=True, help="host:port")
     ap.add_argument("--port-file", required=True, help="the listening port is written here")
-    ap.add_argument("--cut-when", help="cut when a client sends these bytes (e.g. /checkpoint_epoch_0001/)")
+    ap.add_argument("--cut-when", action="append", default=[],
+                    help="cut when a client sends these bytes (e.g. /checkpoint_epoch_0001/); repeatable")
     ap.add_argument("--cut-seconds", type=float, default=15.0, help="how long a --cut-when cut lasts")
     a = ap.parse_args()
     host, _, port = a.target.rpartition(":")
     proxy = TcpProxy((host, int(port)))
-    if a.cut_when:
-        proxy.cut_when(a.cut_when.encode(), a.cut_seconds)
+    for pattern in a.cut_when:
+        proxy.cut_when(pattern.encode(), a.cut_seconds)
     signal.signal(signal.SIGUSR1, lambda *_: (proxy.cut(), print(f"cut {time.time():.1f}", flush=True)))
     signal.signal(signal.SIGUSR2, lambda *_: (proxy.restore(), print(f"restored {time.time():.1f}", flush=True)))
     tmp = a.port_file + ".tmp"
