@@ -199,6 +199,13 @@ def test_gpu_workers_mount_the_shard_cache_of_the_config(name):
         assert "medium" not in vol["emptyDir"], "the shard cache belongs on disk, not in memory"
         limit = vol["emptyDir"]["sizeLimit"]
         assert limit.endswith("Gi") and int(limit[:-2]) * 2**30 > cfg.data.cache_gb * 2**30 * 1.1, limit
+        # A disk emptyDir counts against the container's ephemeral storage: request (scheduling on a node
+        # with the disk) and limit (eviction bound) must both cover the volume.
+        res = pod["containers"][0]["resources"]
+        for kind in ("requests", "limits"):
+            eph = res.get(kind, {}).get("ephemeral-storage")
+            assert eph and eph.endswith("Gi") and int(eph[:-2]) >= int(limit[:-2]), (kind, eph, limit)
+        assert int(res["limits"]["ephemeral-storage"][:-2]) >= int(res["requests"]["ephemeral-storage"][:-2])
 
 
 def test_rayjob_lifecycle():

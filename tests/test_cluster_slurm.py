@@ -247,3 +247,35 @@ def test_sbatch_trains_tiny_config_and_logs_to_mlflow(slurm, tmp_path):
     assert any(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
     assert any(r.data.metrics for r in runs)
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+
+def test_submit_script_runtime_env_has_provenance_and_no_secrets(tmp_path):
+    """sta-submit.sbatch (run by bash, a stub `ray` records its arguments): the job's env_vars carry the
+    checkout's commit/dirty flag/user and the non-secret settings, never the S3 secret or MLflow password."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "ray").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$RAY_ARGS_OUT"\n')
+    (stub / "ray").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "STA_", "SLURM_"))}
+    env.update(PATH=f"{stub}:{VENV_BIN}:{env['PATH']}", RAY_HEAD="127.0.0.1:8265", RAY_ARGS_OUT=str(tmp_path / "args"),
+               STA_WORKDIR=str(REPO), STA_VENV=str(tmp_path / "novenv"), AWS_SECRET_ACCESS_KEY="s3cr3t-value-xyz",
+               AWS_ACCESS_KEY_ID="AKIAEXAMPLE", AWS_ENDPOINT_URL="http://s3.internal:9000",
+               MLFLOW_TRACKING_URI="http://mlflow.internal:5000", MLFLOW_TRACKING_PASSWORD="pw-secret-123")
+    r = subprocess.run(["bash", str(SLURM / "sta-submit.sbatch"), "optim.epochs=1"], env=env, capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    args = (tmp_path / "args").read_text().splitlines()
+    runtime_env = __import__("json").loads(args[args.index("--runtime-env-json") + 1])
+    env_vars = runtime_env["env_vars"]
+    assert "mlartifacts" in runtime_env["excludes"]
+    assert env_vars["AWS_ENDPOINT_URL"] == "http://s3.internal:9000"
+    assert env_vars["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
+    assert not {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD"} & set(env_vars)
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert env_vars["STA_GIT_COMMIT"] == head.stdout.strip()
+        assert env_vars["STA_GIT_DIRTY"] in ("true", "false")
+    assert env_vars["STA_USER"]
+    text = r.stdout + r.stderr
+    assert "s3cr3t-value-xyz" not in text and "pw-secret-123" not in text
+    assert args[-4:] == ["pipeline.train", "--config", "configs/mars.yaml", "optim.epochs=1"]
