@@ -347,3 +347,48 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], params: Sequence[str], metric:
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=metric, fraction=0.04, pad=0.02)
     ax.set_title(title or f"sweep: {len(kept)} trials, best {metric} = {values[best]:.4g}", fontsize=9)
     return _save(fig, path, dpi)
+
+
+# --------------------------------------------------------------------------- ranked results (visrank)
+
+RANK_BORDER = {True: (0.13, 0.70, 0.20), False: (0.85, 0.15, 0.15)}  # green = same identity, red = wrong
+
+
+def plot_ranked(rows: Sequence[tuple[Any, str, Sequence[tuple[Any, bool, str]]]], path: str | os.PathLike, *,
+                title: Optional[str] = None, dpi: int = DPI) -> Path:
+    """Ranked results as torchreid's ``visrank`` draws them: one row per query, the query frame, then its
+    top-k gallery tracklets (a frame each) framed green (same identity) or red (wrong).
+
+    Args:
+        rows: ``(query frame (H, W, 3) uint8, query label, [(gallery frame, correct, label), ...])``.
+        path: PNG to write.
+        title: figure title.
+        dpi: resolution.
+    """
+    if not rows:
+        raise ValueError("rows: need at least one query")
+    k = max(len(r[2]) for r in rows)
+    if k == 0:
+        raise ValueError("rows: every query needs at least one ranked gallery entry")
+    h, w = _array(rows[0][0], "query frame").shape[:2]
+    cell_w = 1.05 * max(0.6, 1.6 * w / h)
+    fig = _new_figure(cell_w * (k + 1) + 0.4, 1.9 * len(rows) + (0.4 if title else 0.1))
+    grid = fig.add_gridspec(len(rows), k + 1, wspace=0.08, hspace=0.35, left=0.01, right=0.99,
+                            top=0.9 if title else 0.97, bottom=0.02)
+    for r, (qframe, qlabel, ranked) in enumerate(rows):
+        ax = fig.add_subplot(grid[r, 0])
+        ax.imshow(_array(qframe, "query frame"))
+        ax.set_title(qlabel, fontsize=7)
+        ax.set_xticks([]), ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_color("black"), side.set_linewidth(2)
+        for c, (frame, correct, label) in enumerate(ranked):
+            ax = fig.add_subplot(grid[r, c + 1])
+            ax.imshow(_array(frame, "gallery frame"))
+            ax.set_title(f"{c + 1}: {label}", fontsize=6, color=RANK_BORDER[bool(correct)])
+            ax.set_xticks([]), ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_color(RANK_BORDER[bool(correct)]), side.set_linewidth(4)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path, dpi)

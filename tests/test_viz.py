@@ -177,3 +177,38 @@ def test_plot_sweep_rejects(tmp_path):
         viz.plot_sweep([{"a": 1, "mAP": 0.5}], [], "mAP", tmp_path / "x.png")
     with pytest.raises(ValueError):
         viz.plot_sweep([{"a": 1, "mAP": 0.5}], ["mAP"], "mAP", tmp_path / "x.png")
+
+
+def test_plot_ranked_visrank(tmp_path):
+    """torchreid-style ranked results: query + top-k frames, green/red frames for right/wrong identities."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    frame = lambda: rng.integers(0, 255, (64, 32, 3), dtype=np.uint8)  # noqa: E731
+    rows = [(frame(), f"query id {q}", [(frame(), k % 3 == 0, f"id {k}") for k in range(10)]) for q in range(3)]
+    out = viz.plot_ranked(rows, tmp_path / "visrank.png", title="t")
+    img = np.asarray(Image.open(out).convert("RGB")).reshape(-1, 3).astype(int)
+    green = ((img[:, 1] > 150) & (img[:, 0] < 80) & (img[:, 2] < 90)).sum()
+    red = ((img[:, 0] > 190) & (img[:, 1] < 70) & (img[:, 2] < 70)).sum()
+    assert green > 500 and red > 500  # both kinds of border are drawn
+    with pytest.raises(ValueError):
+        viz.plot_ranked([], tmp_path / "x.png")
+
+
+def test_ranked_rows_follow_the_evaluation_protocol():
+    """Top-k by distance, same-identity same-camera gallery entries left out, only queries with a true match."""
+    import torch
+
+    from pipeline.visrank import ranked_rows
+
+    thumbs = lambda n: [np.full((4, 2, 3), i, np.uint8) for i in range(n)]  # noqa: E731
+    q = {"index": [0, 1], "feats": torch.tensor([[0.0], [10.0]]), "pids": np.array([1, 7]),
+         "camids": np.array([0, 0]), "thumbs": thumbs(2)}
+    g = {"index": list(range(5)), "feats": torch.tensor([[0.0], [0.1], [0.2], [5.0], [10.0]]),
+         "pids": np.array([1, 1, 2, 1, 7]), "camids": np.array([0, 1, 1, 1, 0]), "thumbs": thumbs(5)}
+    rows = ranked_rows(q, g, n_queries=4, topk=3)
+    assert len(rows) == 1  # query pid 7 has only a same-camera match: skipped, as in evaluation
+    qframe, label, ranked = rows[0]
+    assert label == "query id 1 c0"
+    assert [r[1] for r in ranked] == [True, False, True]  # g1 (0.1), g2 (0.2, wrong id), g3 (5.0); g0 dropped
+    assert [int(r[0][0, 0, 0]) for r in ranked] == [1, 2, 3]
