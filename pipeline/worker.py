@@ -1,9 +1,11 @@
 """The per-worker training loop (what Ray Train runs on every rank), on a DeepSpeed engine.
 
-Structure follows Ray's ``train_func(config)`` examples: build stream, model and engine; restore from
-the latest checkpoint if Ray hands one over; then epochs of PK batches, periodic distributed evaluation,
-and one ``ray.train.report`` per epoch carrying rank-reduced metrics and the DeepSpeed checkpoint.
-The Ray-free parts (:func:`train_step`, :func:`run_epoch`) are what the overhead benchmark times.
+:func:`train_loop_per_worker` reads like Ray's DeepSpeed example: seed, model, engine, restore
+(:func:`restore`: the newest complete checkpoint of the run), tracking (:func:`start_tracking`), loaders,
+then per epoch :func:`run_epoch` and :func:`end_epoch` (checkpoint, then evaluate, then one
+``ray.train.report`` carrying rank-reduced metrics and the checkpoint), and :func:`finish` (``final/``
+export, figures, MLflow model). The Ray-free parts (:func:`train_step`, :func:`run_epoch`) are what the
+overhead benchmark times. Fault injection for tests lives in ``tests/faults.py``.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from pipeline import checkpoint as ckpt_lib
-from pipeline import console, driver
+from pipeline import console, driver, evaluation, storage, tracking
+from pipeline import resume as resume_lib
 from pipeline.config import Config, config_from_dict
 from pipeline.engine import autocast_dtype, build_engine
 from pipeline.transforms import model_input
@@ -301,6 +304,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
 
+    run_dir = storage_run_dir(ctx)
+    refuse_retry(run_dir)  # a non-finite loss stopped this job: Ray's retry must not train again
     manifest = read_manifest(cfg.data.shards)
     steps = batches_per_epoch(cfg, manifest.split("train").num_identities, world)
     # At least one per-step point per epoch, whatever the epoch length.
@@ -309,7 +314,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine, precision, ds_cfg = build_engine(model, cfg, world_size=world,
                                              steps_per_epoch=steps // cfg.deepspeed.grad_accum)
     run = RunState(cfg=cfg, rank=rank, world=world, device=device, dtype=autocast_dtype(precision),
-                   num_classes=manifest.num_classes, run_dir=storage_run_dir(ctx), run_name=run_name,
+                   num_classes=manifest.num_classes, run_dir=run_dir, run_name=run_name,
                    num_nodes=count_nodes(world))
     run.meta.update(restore(engine, run, resume=loop_config.get("resume")))
     start_epoch = run.best_and_start()
@@ -330,10 +335,46 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # persistent one is made once and its workers move on to the next epoch then.
     with contextlib.closing(epoch_batches(make_loader, start_epoch, cfg.optim.epochs)) as epochs:
         for epoch, batches in epochs:
-            metrics = run_epoch(engine, batches, cfg, dtype=run.dtype, device=device, world_size=world,
-                                on_log=on_log)
+            try:
+                metrics = run_epoch(engine, batches, cfg, dtype=run.dtype, device=device, world_size=world,
+                                    on_log=on_log)
+            except NonFiniteLossError as exc:
+                mark_no_retry(run_dir, exc)
+                raise
             end_epoch(engine, run, tracker, epoch + 1, metrics, print_epoch)
     finish(engine, run, tracker, trained=start_epoch < cfg.optim.epochs)
+
+
+NO_RETRY = "no_retry.json"  # in the run directory: why this Ray job must not train again
+
+
+def mark_no_retry(run_dir: str, exc: Exception) -> None:
+    """Record in the run directory that this job stopped for a reason no retry can fix (every rank
+    writes the same record; a failed write only loses the shortcut, not the error)."""
+    import ray
+
+    record = {"job_id": ray.get_runtime_context().get_job_id(), "error": str(exc)}
+    try:
+        storage.write_bytes(storage.join(run_dir, NO_RETRY), json.dumps(record).encode())
+    except Exception as write_exc:  # noqa: BLE001 - the original error is what matters
+        log.warning("could not record %s: %s", NO_RETRY, write_exc)
+
+
+def refuse_retry(run_dir: str) -> None:
+    """Raise the recorded error again when Ray restarts a job that :func:`mark_no_retry` stopped.
+
+    Ray Train retries every worker error up to ``failure.max_failures``; with this, a retry fails at
+    once instead of training from the last checkpoint into the same non-finite loss. A new
+    ``pipeline.train`` (another Ray job: ``--resume`` after lowering the LR) is not affected.
+    """
+    import ray
+
+    try:
+        record = json.loads(storage.read_bytes(storage.join(run_dir, NO_RETRY)))
+    except Exception:  # noqa: BLE001 - none recorded (the usual case) or unreadable: train
+        return
+    if record.get("job_id") == ray.get_runtime_context().get_job_id():
+        raise NonFiniteLossError(f"{record.get('error')} [not retried]")
 
 
 @dataclass
@@ -385,8 +426,6 @@ def restore(engine, run: RunState, *, resume: Optional[str]) -> dict[str, Any]:
         run: this rank's state (run directory, rank).
         resume: a checkpoint URL of another run (``--resume <checkpoint>``), or None.
     """
-    from pipeline import resume as resume_lib, storage
-
     url, epoch, skipped = resume_lib.newest_complete(run.run_dir)
     fork = url is None and resume is not None
     src = url or resume
@@ -412,8 +451,6 @@ def start_tracking(run: RunState, loop_config: dict[str, Any], *, precision: str
     Params are logged on every start: on a continued run only new keys are added and changed values
     become ``param_changed.*`` tags (MLflow params cannot be overwritten).
     """
-    from pipeline import tracking
-
     if run.rank != 0:
         return None
     cfg, meta = run.cfg, run.meta
@@ -457,7 +494,7 @@ def end_epoch(engine, run: RunState, tracker, epoch: int, metrics: dict[str, Any
         except Exception as exc:  # the epoch is kept whatever evaluation does; raised after the report
             failed = exc
     if tracker is not None:
-        tracker.log_metrics(tracking_metrics(metrics), epoch)
+        tracker.log_metrics(tracking.grouped_metrics(metrics), epoch)
         print_epoch(epoch, metrics)
     report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     report["mlflow_run_id"] = run.meta["mlflow_run_id"] or ""
@@ -474,17 +511,9 @@ def end_epoch(engine, run: RunState, tracker, epoch: int, metrics: dict[str, Any
                            f"checkpoint_epoch_{epoch:04d}{' and final/' if is_last else ''} kept") from failed
 
 
-def tracking_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    from pipeline import tracking
-
-    return tracking.grouped_metrics(metrics)
-
-
 def evaluate_and_export_best(engine, run: RunState, metrics: dict[str, Any]) -> None:
     """Distributed evaluation into ``metrics``; a new best (decided on rank 0, shared so every rank
     agrees) is exported to ``<run>/best``."""
-    from pipeline import evaluation
-
     cfg = run.cfg
     engine.eval()
     res = evaluation.evaluate(lambda x: engine(x), cfg, embed_dim=cfg.model.embed_dim, rank=run.rank,
@@ -537,7 +566,7 @@ def finish(engine, run: RunState, tracker, *, trained: bool) -> None:
         evaluate_and_export_best(engine, run, metrics)
         export_final(engine, run)  # now with the metrics
         if tracker is not None:
-            tracker.log_metrics(tracking_metrics(metrics), run.cfg.optim.epochs)
+            tracker.log_metrics(tracking.grouped_metrics(metrics), run.cfg.optim.epochs)
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}
                          | {"mlflow_run_id": run.meta["mlflow_run_id"] or ""})
     if tracker is not None:
@@ -579,6 +608,10 @@ def _final_artifacts(tracker, cfg: Config, state: dict, num_classes: int, last_e
         model = ckpt_lib.build_model_from_config(_no_pretrained(cfg), num_classes)
         model.load_state_dict(state)
         model.eval()
+        if cfg.tracking.heatmaps > 0:  # figures on: ranked results beside the CMC curve
+            from pipeline.visrank import log_visrank
+
+            log_visrank(tracker, model, cfg, tmp)
         if cfg.model.kind == "sta" and cfg.tracking.heatmaps > 0:
             try:
                 tracker.log_artifact(_heatmaps(model, cfg, os.path.join(tmp, "attention.png")))

@@ -52,6 +52,37 @@ def failing_loop(fail_at_epoch: int, delay_s: float = 5.0) -> Callable[[dict[str
     return loop
 
 
+def nan_loss_loop(at_step: int) -> Callable[[dict[str, Any]], None]:
+    """``train_loop_per_worker`` whose loss term ``ce`` turns NaN at global step ``at_step`` (after the
+    real step), on every rank: what a diverging run looks like to the loop."""
+    def loop(loop_config: dict[str, Any]) -> None:
+        from pipeline import worker
+
+        real = worker.train_step
+
+        def step(engine, batch, cfg, dtype, device):
+            losses = real(engine, batch, cfg, dtype, device)
+            if int(engine.global_steps) == at_step:
+                losses = {**losses, "ce": losses["ce"] * float("nan")}
+            return losses
+
+        worker.train_step = step
+        try:
+            worker.train_loop_per_worker(loop_config)
+        finally:
+            worker.train_step = real
+
+    return loop
+
+
+def use_loop(monkeypatch, loop: Callable[[dict[str, Any]], None]) -> None:
+    """Make ``pipeline.train``'s trainer run ``loop`` (pytest ``monkeypatch``)."""
+    from pipeline import worker
+
+    _by_value()
+    monkeypatch.setattr(worker, "train_loop_per_worker", loop)
+
+
 def _by_value() -> None:
     """Ray pickles the loop into its workers: ship this module by value (workers may not import tests/)."""
     import cloudpickle
