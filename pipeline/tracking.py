@@ -8,8 +8,6 @@ masked). When ``cfg.tracking.enabled`` is false every method is a no-op.
 """
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import math
 import os
@@ -21,100 +19,24 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-log = logging.getLogger(__name__)
+# Redaction lives in pipeline.redact; re-exported here, where callers have always found it.
+from pipeline.redact import (MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH, REDACTED, SECRET_KEY_PARTS,  # noqa: F401
+                             _truncate, is_secret_key, redact, safe_params, safe_tags, strip_credentials)
 
-try:  # the limits MLflow's server enforces (6000 / 8000 characters in 3.x)
-    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
-except ImportError:  # pragma: no cover - older/newer layouts
-    MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH = 6000, 8000
+log = logging.getLogger(__name__)
 
 _BATCH_PARAMS = 100  # MAX_PARAMS_TAGS_PER_BATCH
 _BATCH_METRICS = 1000  # MAX_METRICS_PER_BATCH
-REDACTED = "***"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
-# Key fragments that mark a value as a credential (matched on the last dotted part, lower case).
-SECRET_KEY_PARTS = ("secret", "password", "passwd", "token", "access_key", "credential", "api_key",
-                    "apikey", "private_key")
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/@\s?#]+)@")
-_QUERY_SECRET = re.compile(r"(?P<key>[?&][^=&#\s]*(?:signature|token|secret|password|credential)"
-                           r"[^=&#\s]*=)[^&#\s]*", re.IGNORECASE)
 # mlflow.pytorch.log_model resolves the tracking/registry URI from process-global state; swapping it
 # is serialised so concurrent trials in one process cannot log a model into the wrong store.
 _GLOBAL_URI_LOCK = threading.Lock()
-
-
-# --------------------------------------------------------------------------- redaction
-
-def is_secret_key(key: str) -> bool:
-    """True when the last dotted part of ``key`` names a credential (``data.aws_secret_key``)."""
-    last = str(key).rsplit(".", 1)[-1].lower()
-    return any(part in last for part in SECRET_KEY_PARTS)
-
-
-def _secret_env_values() -> list[str]:
-    """Values of secret-looking env vars; long enough ones are masked wherever they appear."""
-    return sorted({v for k, v in os.environ.items() if is_secret_key(k) and len(v) >= 8},
-                  key=len, reverse=True)
-
-
-def strip_credentials(text: str) -> str:
-    """Remove ``user:password@`` from URLs, secret query values, and known secret env values."""
-    text = _URL_USERINFO.sub(lambda m: m.group("scheme"), text)
-    text = _QUERY_SECRET.sub(lambda m: m.group("key") + REDACTED, text)
-    for value in _secret_env_values():
-        text = text.replace(value, REDACTED)
-    return text
-
-
-def redact(obj: Any) -> Any:
-    """Deep copy of ``obj`` with secret keys masked and credentials stripped from strings."""
-    if isinstance(obj, Mapping):
-        return {k: REDACTED if is_secret_key(k) and obj[k] not in (None, "") else redact(v)
-                for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact(v) for v in obj]
-    if isinstance(obj, str):
-        return strip_credentials(obj)
-    return obj
-
-
-def _as_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value, default=str)
-    return str(value)
-
-
-def _truncate(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _sanitize(mapping: Mapping[str, Any], limit: int) -> dict[str, str]:
-    out = {}
-    for key, value in redact(dict(mapping)).items():
-        out[str(key)] = _truncate(_as_text(value), limit)
-    return out
-
-
-def safe_params(flat: Mapping[str, Any]) -> dict[str, str]:
-    """Flat params ready for MLflow: credentials redacted, lists/dicts as JSON, values truncated.
-
-    Only what is passed in is logged; environment variables are never added.
-    """
-    return _sanitize(flat, MAX_PARAM_VAL_LENGTH)
-
-
-def safe_tags(tags: Mapping[str, Any]) -> dict[str, str]:
-    """Same redaction as :func:`safe_params`, with MLflow's tag length limit."""
-    return _sanitize(tags, MAX_TAG_VAL_LENGTH)
 
 
 # --------------------------------------------------------------------------- store / experiment
@@ -278,24 +200,6 @@ def _to_float(key: str, value: Any) -> float:
     if isinstance(value, (int, float)):
         return float(value)
     raise TypeError(f"metric {key}: expected a number, got {type(value).__name__}")
-
-
-@contextmanager
-def _global_tracking_uri(uri: str) -> Iterator[None]:
-    """Temporarily point MLflow's process-global tracking URI at ``uri`` and restore it exactly."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    with _GLOBAL_URI_LOCK:
-        saved_uri = tracking_utils._tracking_uri
-        saved_env = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(uri)
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(saved_uri)  # None also unsets the env var...
-            if saved_env is not None:  # ...so put back a URI the user had exported
-                os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 # --------------------------------------------------------------------------- run handle
@@ -516,69 +420,13 @@ class Tracker:
 
     def log_model(self, model, cfg, name: str = "model", registered_model: Optional[str] = None,
                   input_example: Any = None, metrics: Optional[Mapping[str, Any]] = None):
-        """``mlflow.pytorch.log_model`` of a CPU copy of ``model`` into this run, loadable without this
-        checkout: the ``sta_model`` package travels as ``code_paths``, the signature comes from
-        ``input_example`` (default: one clip ``(1, N, 3, H, W)`` of the config), and the requirements
-        are the pinned torch and numpy that loading needs.
-
-        Args:
-            model: the network (eval mode is set on the copy that is logged).
-            cfg: the run's config (clip shape, ``tracking.log_model`` / ``registered_model``).
-            name: the model's name in the run.
-            registered_model: register under this name (default ``cfg.tracking.registered_model``).
-            input_example: a numpy clip batch; None builds a zero clip of the config's shape.
-            metrics: eval metrics linked to the logged model (shown on its page and the version's).
-
-        Returns MLflow's ``ModelInfo`` (``model_uri``, ``registered_model_version``), or None when
-        disabled, ``cfg.tracking.log_model`` is false, or the store failed (a warning then).
-        """
+        """Log ``model`` into this run, loadable without this checkout; see :func:`pipeline.mlflow_model.log_model`."""
         if not self._active() or not cfg.tracking.log_model:
             return None
-        import mlflow.pytorch
-        import numpy as np
-        import torch
-        from mlflow.models import infer_signature
+        from pipeline.mlflow_model import log_model
 
-        import sta_model
-
-        if any(t.device.type != "cpu" for t in list(model.parameters()) + list(model.buffers())):
-            model = copy.deepcopy(model).cpu()  # never move the caller's (training) model
-        registered = registered_model or cfg.tracking.registered_model
-        if input_example is None:
-            d = cfg.data
-            input_example = np.zeros((1, cfg.eval.clip_len or d.clip_len, 3, d.height, d.width), np.float32)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                out = model(torch.as_tensor(input_example))
-            signature = infer_signature(input_example, out.numpy() if torch.is_tensor(out) else None)
-            reqs = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
-            # Create the LoggedModel ourselves so it lands in this run's experiment (MLflow would
-            # otherwise use the global active experiment).
-            logged = self._client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id)
-            with _global_tracking_uri(self.uri):
-                info = mlflow.pytorch.log_model(
-                    model, name=name, run_id=self.run_id, model_id=logged.model_id,
-                    registered_model_name=registered, pip_requirements=reqs,
-                    code_paths=[os.path.dirname(sta_model.__file__)], signature=signature,
-                    input_example=input_example,
-                    serialization_format="pickle",  # torch.export (pt2) needs tensor-only outputs in train mode
-                )
-            if metrics:
-                from mlflow.entities import Metric
-
-                now = int(time.time() * 1000)
-                items = [Metric(k, _to_float(k, v), now, 0, model_id=logged.model_id)
-                         for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)]
-                self._send("link model metrics", self._client.log_batch, self.run_id, metrics=items)
-            return info
-        except Exception as exc:  # noqa: BLE001 - a finished run keeps its checkpoints and exports
-            log.warning("run %s: logging the MLflow model failed: %s", self.run_id,
-                        strip_credentials(str(exc)).splitlines()[0][:300] if str(exc) else type(exc).__name__)
-            return None
-        finally:
-            model.train(was_training)
+        return log_model(self, model, cfg, name=name, registered_model=registered_model,
+                         input_example=input_example, metrics=metrics)
 
 
 def start_run(cfg, **kwargs) -> Tracker:
