@@ -1,6 +1,7 @@
 """Cross-epoch prefetch of the training stream (pipeline.worker.epoch_batches) on real shards
 packed by pipeline.pack from pipeline.synthetic, with real DataLoader worker processes."""
 import contextlib
+import weakref
 
 import pytest
 import torch
@@ -32,7 +33,10 @@ def _loader(url, epoch, num_workers=1, persistent=False):
 
 
 def _alive(started) -> bool:
-    """The started DataLoader iterator's worker processes all run."""
+    """The started DataLoader iterator's worker processes all run. Tests hold it by weak reference:
+    the loaders stop workers by letting go of the iterator, whose finalizer stops them."""
+    if isinstance(started, weakref.ref):
+        started = started()
     workers = getattr(started, "_workers", [])
     return bool(workers) and all(w.is_alive() for w in workers)
 
@@ -59,7 +63,7 @@ def test_same_batches_and_next_epoch_started_during_last_step(shards, start_epoc
     events = []
 
     def on_start(epoch, it):
-        started[epoch] = it
+        started[epoch] = weakref.ref(it)
         events.append(("start", epoch))
 
     got = {}
@@ -87,7 +91,8 @@ def test_same_batches_and_next_epoch_started_during_last_step(shards, start_epoc
 
 def test_exception_between_epochs_stops_the_loader_started_ahead(shards):
     started = {}
-    epochs = epoch_batches(lambda e: _loader(shards, e), 0, 5, on_start=lambda e, it: started.setdefault(e, it))
+    epochs = epoch_batches(lambda e: _loader(shards, e), 0, 5,
+                           on_start=lambda e, it: started.setdefault(e, weakref.ref(it)))
     with pytest.raises(RuntimeError, match="eval failed"), contextlib.closing(epochs):
         for _epoch, batches in epochs:
             for _ in batches:
@@ -100,7 +105,7 @@ def test_exception_between_epochs_stops_the_loader_started_ahead(shards):
 def test_exception_mid_epoch_stops_the_current_loader(shards):
     started = {}
     epochs = epoch_batches(lambda e: _loader(shards, e, num_workers=2), 0, 5,
-                           on_start=lambda e, it: started.setdefault(e, it))
+                           on_start=lambda e, it: started.setdefault(e, weakref.ref(it)))
     with pytest.raises(RuntimeError, match="step failed"), contextlib.closing(epochs):
         for _epoch, batches in epochs:
             next(batches)
@@ -153,7 +158,7 @@ def test_persistent_loader_made_once_same_batches_next_epoch_started_during_last
         return _loader(shards, epoch, num_workers, persistent=True)
 
     def on_start(epoch, it):
-        started.append(it)
+        started.append(weakref.ref(it))
         events.append(("start", epoch))
 
     with contextlib.closing(epoch_batches(make, start_epoch, end, on_start=on_start)) as epochs:
@@ -163,9 +168,9 @@ def test_persistent_loader_made_once_same_batches_next_epoch_started_during_last
                 events.append(("batch", epoch, i))
                 got[epoch].append(batch)
             assert _alive(started[0])
-        pids = [w.pid for w in started[0]._workers]
+            pids = [w.pid for w in started[0]()._workers]
     assert made == [start_epoch]  # one loader, one fork
-    assert all(it is started[0] for it in started) and len(started) == end - start_epoch
+    assert all(r() is started[0]() for r in started) and len(started) == end - start_epoch
     assert len(pids) == num_workers
     for e in range(start_epoch + 1, end):
         assert events.index(("start", e)) == events.index(("batch", e - 1, STEPS - 1)) - 1
