@@ -128,7 +128,8 @@ def verify(url: str, *, deep: bool = True) -> list[str]:
         return [f"unreadable ({exc})"]
     first = MANIFEST.format(rank=0)
     if first not in names:
-        return [f"no {first} (written last by rank 0: the checkpoint was never finished)"]
+        return [f"no {first} (written last by rank 0: the checkpoint was never finished, or predates "
+                f"manifests; the run's final/ and best/ exports still load)"]
     manifests = []
     try:
         world = int(json.loads(storage.read_bytes(storage.join(url, first)))["world_size"])

@@ -151,8 +151,8 @@ def plan_resume(uri: str, cfg: Config, *, run_name: str) -> Plan:
     uri = _normalise(uri)
     try:
         names = storage.listdir(uri)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--resume: cannot read {uri} ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - any storage failure: one line naming the URL
+        raise ConfigError(f"--resume: cannot read {uri} ({_first_line(exc)})") from None
     if not names:
         raise ConfigError(f"--resume: {uri} does not exist or is empty: neither a run nor a checkpoint")
     if _is_checkpoint(uri, names):
@@ -179,6 +179,11 @@ def plan_resume(uri: str, cfg: Config, *, run_name: str) -> Plan:
     return Plan(parent, name, "continue", url, epoch, skipped, config_changes(checkpoint_config(url), cfg))
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
 def _target(storage_path: str, run_name: str) -> str:
     return f"{_normalise(storage_path)}/{run_name}"
 
@@ -197,7 +202,10 @@ def check_run_name(cfg: Config, storage_path: str, run_name: str, *, explicit: b
         explicit: only report the clash (return a Plan whatever the config), for ``--resume <checkpoint>``.
     """
     run_dir = _target(storage_path, run_name)
-    url, epoch, skipped = newest_complete(run_dir)
+    try:
+        url, epoch, skipped = newest_complete(run_dir)
+    except Exception as exc:  # noqa: BLE001 - any storage failure: one line naming the key
+        raise ConfigError(f"checkpoint.storage_path={storage_path}: cannot list {run_dir} ({_first_line(exc)})") from None
     if url is None:
         return None
     plan = Plan(_normalise(storage_path), run_name, "continue", url, epoch, skipped,
