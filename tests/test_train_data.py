@@ -2,6 +2,7 @@
 decode=device, the bad-frame policy."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import tarfile
@@ -225,3 +226,18 @@ def test_train_device_decode_bad_frames(tmp_path):
             assert torch.equal(b["clips"][j[0]], b["clips"][j[1]])
     a, d = _run_train(url, **kw)[0], _run_train(url, decode="device", device="cpu", **kw)[0]
     assert torch.equal(a["clips"], d["clips"]) and a["skipped"] == d["skipped"]
+
+
+def test_spec_from_config_per_rank_p():
+    """data.p is the global identities per batch: each rank's spec draws p // world_size."""
+    from pipeline.config import load_config
+
+    cfg = load_config(None, ["data.p=8", "data.k=2", "data.decode=device", "data.cache_dir=/c"])
+    spec = LoaderSpec.from_config(cfg, rank=1, world_size=2, batches_per_epoch=5)
+    assert (spec.p, spec.k, spec.rank, spec.world_size, spec.batches_per_epoch) == (4, 2, 1, 2, 5)
+    assert spec.decode == "device" and spec.cache_dir == "/c" and not spec.normalize
+    assert spec.persistent == cfg.data.persistent_workers and spec.seed == cfg.seed
+    with pytest.raises(ValueError, match="not divisible"):
+        LoaderSpec.from_config(cfg, rank=0, world_size=3, batches_per_epoch=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.p = 3

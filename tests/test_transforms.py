@@ -250,3 +250,17 @@ def test_decode_clips_batched_resizes_and_replaces_bad_clips():
     assert np.abs(out[2, 0].numpy().astype(int) - ref).mean() < 3
     out, bad = decode_clips(jpegs, offsets, pids=[5, 7, 6], **kw)
     assert bad == 1 and (out[1] == 9).all()  # no other clip of pid 7: the fill colour
+
+
+def test_replace_bad_clips_policy():
+    """The one bad-frame policy: a bad clip becomes its identity's first good clip, else the fill."""
+    from pipeline.transforms import replace_bad_clips
+
+    clips = np.arange(6, dtype=np.uint8).repeat(3).reshape(6, 1, 3)
+    pids = [0, 0, 1, 1, 2, 2]
+    replace_bad_clips(clips, [1, 2, 3], pids, fill=np.array([7, 8, 9], np.uint8))
+    assert clips[:, 0, 0].tolist() == [0, 0, 7, 7, 4, 5] and clips[2, 0].tolist() == [7, 8, 9]
+    t = torch.zeros(4, 2)
+    t[0] = 5
+    replace_bad_clips(t, {1}, [3, 3, 4, 4], fill=0)
+    assert t[1].tolist() == [5, 5]
