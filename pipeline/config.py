@@ -356,6 +356,14 @@ def yaml_load(text: str, source: str = "<text>") -> Any:
         loader.dispose()
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line message → ``"expected ',' or ']' (line 1, column 6)"``."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if problem and mark:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
+
+
 def read_yaml(path: Union[str, Path], what: str = "--config") -> Any:
     """Read a YAML file; a missing, unreadable, binary or malformed file is a one-line :class:`ConfigError`.
 
@@ -374,8 +382,10 @@ def read_yaml(path: Union[str, Path], what: str = "--config") -> Any:
         raise ConfigError(f"{what}: cannot read {p} ({exc.strerror or exc})") from None
     try:
         return yaml_load(text, str(p))
+    except yaml.reader.ReaderError as exc:  # control characters: a binary file that happens to be UTF-8
+        raise ConfigError(f"{what}: {p} is not a text file ({exc.reason} at byte {exc.position})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{what}: {p} is not valid YAML ({' '.join(str(exc).split())})") from None
+        raise ConfigError(f"{what}: {p} is not valid YAML: {yaml_problem(exc)}") from None
 
 
 # --------------------------------------------------------------------------- errors
@@ -494,7 +504,7 @@ def parse_text(root: type[BaseModel], key: str, raw: str) -> Any:
         try:
             return yaml_load(raw, key)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{key}: {raw!r} is not valid YAML ({' '.join(str(exc).split())})") from None
+            raise ConfigError(f"{key}: {raw!r} is not valid YAML: {yaml_problem(exc)}") from None
     try:
         return _adapter(tp).validate_strings(raw)
     except ValidationError as exc:

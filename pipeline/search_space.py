@@ -29,7 +29,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from pipeline.config import (Config, ConfigError, Section, apply_overrides, config_error, load_config, parse_override,
-                             parse_text, read_yaml, yaml_load)
+                             parse_text, read_yaml, yaml_load, yaml_problem)
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "grid", "randint")
 EVAL_METRICS = ("mAP", "rank1", "rank5", "rank10", "rank20")
@@ -208,7 +208,7 @@ def _split_overrides(overrides: list[str]) -> tuple[dict[str, Any], dict[str, An
             try:  # a distribution is a YAML mapping: {choice: [1, 2]}
                 search_kv[key[len("search."):]] = yaml_load(raw, key)
             except yaml.YAMLError as exc:
-                raise _fail(key, f"{raw!r} is not valid YAML ({' '.join(str(exc).split())})") from None
+                raise _fail(key, f"{raw!r} is not valid YAML: {yaml_problem(exc)}") from None
         else:
             base.append(text)
     return tune_kv, search_kv, base
