@@ -234,9 +234,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_name = cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        from pipeline.driver import check_job_paths
+        from pipeline.driver import check_job_paths, preflight_tracking
 
         check_job_paths(cfg)
+        preflight_tracking(cfg)  # the MLflow store answers (5 s) and is created/migrated once, here
         check_stores(cfg, args.resume)
         # Where the run writes and what it restores (pipeline.resume): decided and checked before Ray.
         plan = resume.plan_run(args.resume, cfg, run_name=run_name)
