@@ -75,6 +75,25 @@ def nan_loss_loop(at_step: int) -> Callable[[dict[str, Any]], None]:
     return loop
 
 
+def eval_failure_loop(message: str = "injected: gallery shard unreadable") -> Callable[[dict[str, Any]], None]:
+    """``train_loop_per_worker`` whose every evaluation raises ``RuntimeError(message)`` on every rank."""
+    def loop(loop_config: dict[str, Any]) -> None:
+        from pipeline import worker
+
+        real = worker.evaluation.evaluate
+
+        def evaluate(*args, **kwargs):
+            raise RuntimeError(message)
+
+        worker.evaluation.evaluate = evaluate
+        try:
+            worker.train_loop_per_worker(loop_config)
+        finally:
+            worker.evaluation.evaluate = real
+
+    return loop
+
+
 def use_loop(monkeypatch, loop: Callable[[dict[str, Any]], None]) -> None:
     """Make ``pipeline.train``'s trainer run ``loop`` (pytest ``monkeypatch``)."""
     from pipeline import worker

@@ -52,6 +52,15 @@ def _metric_steps(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+def _checkpoint_steps(run_dir: Path) -> dict[int, int]:
+    """``epoch -> global_step`` from the meta.json of every checkpoint of a run."""
+    out = {}
+    for p in sorted(run_dir.glob("checkpoint_epoch_*")):
+        meta = json.loads((p / "meta.json").read_text())
+        out[int(meta["epoch"])] = int(meta["global_step"])
+    return out
+
+
 def test_train_end_to_end_s3_checkpoints_mlflow(tiny_shards, s3_bucket, tmp_path, ray_shutdown, monkeypatch):
     from pipeline import storage
     from pipeline.checkpoint import load_any
@@ -90,10 +99,12 @@ def test_train_end_to_end_s3_checkpoints_mlflow(tiny_shards, s3_bucket, tmp_path
     assert run.info.status == "FINISHED"
     assert run.data.params["data.clip_len"] == "2" and run.data.params["model.kind"] == "sta"
     assert run.data.tags["dataset"] == "synthetic"
-    assert [s for s, _ in _metric_steps(client, run.info.run_id, "epoch")] == [1, 2]
+    assert [s for s, _ in _metric_steps(client, run.info.run_id, "train/loss_total")] == [1, 2]
     assert len(_metric_steps(client, run.info.run_id, "step/loss_total")) >= 2
-    for key in ("loss_triplet", "loss_ce", "loss_reg", "lr", "clips_per_s", "skipped_samples", "mAP", "rank1", "rr_mAP"):
+    for key in ("train/loss_triplet", "train/loss_ce", "train/loss_reg", "train/lr", "system/clips_per_s",
+                "train/skipped_samples", "eval/mAP", "eval/rank1", "eval/rr_mAP"):
         assert key in run.data.metrics, key
+    assert not {"epoch", "global_step", "batches", "num_nodes"} & set(run.data.metrics)  # bookkeeping
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "cmc.png", "attention.png", "curves.png", "deepspeed_config.json"} <= arts, arts
     from mlflow.entities import LoggedModel  # noqa: F401  (MLflow 3: models are first-class)
@@ -122,9 +133,9 @@ def test_fault_injection_restores_from_checkpoint(tiny_shards, tmp_path, ray_shu
     assert len(runs) == 1, "the restored attempt must continue the same MLflow run"
     run = runs[0]
     assert run.data.tags.get("resume_count") == "1"
-    epochs = _metric_steps(client, run.info.run_id, "epoch")
+    epochs = _metric_steps(client, run.info.run_id, "train/loss_total")
     assert [s for s, _ in epochs] == [1, 2, 3, 4], epochs  # no repeated or lost epoch
-    steps = [v for _, v in _metric_steps(client, run.info.run_id, "global_step")]
+    steps = list(_checkpoint_steps(tmp_path / "runs" / "ft").values())
     per_epoch = steps[0]
     assert steps == [per_epoch * e for e in (1, 2, 3, 4)], steps  # continuous step counter
     # the LR schedule position survived too: lr metric equals the schedule at each epoch end
@@ -169,7 +180,7 @@ def test_multi_node_cluster_s3(tiny_shards, s3_bucket, tmp_path, monkeypatch):
         cached = [f for _, _, fs in os.walk(tmp_path / "shard-cache") for f in fs]
         assert cached and all(f.endswith(".tar") and f[:-4] in digests for f in cached), cached
         client, runs = _mlflow_runs(uri, "sta-tiny")
-        assert runs[0].data.metrics["num_nodes"] == 2.0
+        assert runs[0].data.tags["num_nodes"] == "2"
         assert "checkpoint_epoch_0001" in storage.listdir(f"s3://{s3_bucket}/runs/mn")
     finally:
         ray.shutdown()
@@ -246,13 +257,168 @@ def test_resume_stopped_run_and_from_checkpoint(tiny_shards, tmp_path, ray_shutd
     assert cont["epochs"] == 3 and cont["mlflow_run_id"] == first["mlflow_run_id"]
     client, runs = _mlflow_runs(uri, "sta-tiny")
     assert len(runs) == 1
-    assert [s for s, _ in _metric_steps(client, first["mlflow_run_id"], "epoch")] == [1, 2, 3]
-    steps = [v for _, v in _metric_steps(client, first["mlflow_run_id"], "global_step")]
+    assert [s for s, _ in _metric_steps(client, first["mlflow_run_id"], "train/loss_total")] == [1, 2, 3]
+    steps = list(_checkpoint_steps(tmp_path / "runs" / "rs").values())
     assert steps == [steps[0] * e for e in (1, 2, 3)]
     # From a checkpoint URI: a new run that starts at that checkpoint's epoch.
     ck = f"{tmp_path}/runs/rs/checkpoint_epoch_0002"
     new = main(common + ["--resume", ck, "tracking.run_name=from-ck", "optim.epochs=3"])
     assert new["mlflow_run_id"] != first["mlflow_run_id"]
     client, runs = _mlflow_runs(uri, "sta-tiny")
-    assert [s for s, _ in _metric_steps(client, new["mlflow_run_id"], "epoch")] == [3]
-    assert [v for _, v in _metric_steps(client, new["mlflow_run_id"], "global_step")] == [steps[0] * 3]
+    assert [s for s, _ in _metric_steps(client, new["mlflow_run_id"], "train/loss_total")] == [3]
+    assert _checkpoint_steps(tmp_path / "runs" / "from-ck") == {3: steps[0] * 3}
+
+
+def _tiny_cli(tmp_path, raw, shards, *extra):
+    return [sys.executable, "-m", "pipeline.train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+            f"data.root={raw}", f"data.shards={shards}", f"checkpoint.storage_path={tmp_path}/runs",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.log_model=false", "checkpoint.keep=10",
+            *extra]
+
+
+RAY_START_TIMEOUT = "The current node timed out during startup"  # Ray's fixed 30 s, on an overloaded machine
+
+
+def _run_cli(cmd: list[str], cwd: Path, log: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run a CLI to the end, again (up to 3 times) only when Ray's own node start timed out: that
+    happens before the run touches anything, and is the machine's load, not the code under test."""
+    for _ in range(3):
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        log.write_text(out.stdout + out.stderr)
+        if RAY_START_TIMEOUT not in out.stderr:
+            break
+    return out
+
+
+def _snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every file under the run's checkpoint dirs."""
+    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in run_dir.glob("checkpoint_epoch_*/**/*") if p.is_file()}
+
+
+def test_ctrl_c_then_resume_continues_without_overwriting(tiny_shards, tmp_path):
+    """A real SIGINT to a real `python -m pipeline.train` after epoch 2's checkpoint, then `--resume <run dir>`:
+    the run continues from the newest complete checkpoint, earlier checkpoints are untouched, no epoch repeats."""
+    import signal
+    import time
+
+    from pipeline import checkpoint as ckpt_lib
+
+    raw, shards = tiny_shards
+    run_dir = tmp_path / "runs" / "cc"
+    log = open(tmp_path / "first.log", "w")
+    cmd = _tiny_cli(tmp_path, raw, shards, "tracking.run_name=cc", "optim.epochs=6")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 1500  # a busy CI machine: Ray and DeepSpeed start slowly
+        while time.time() < deadline and not (run_dir / "checkpoint_epoch_0002").is_dir() \
+                or ckpt_lib.verify(str(run_dir / "checkpoint_epoch_0002")):
+            if proc.poll() is not None and RAY_START_TIMEOUT in (tmp_path / "first.log").read_text():
+                proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)  # see _run_cli
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    first = (tmp_path / "first.log").read_text()
+    done = sorted(int(p.name[-4:]) for p in run_dir.glob("checkpoint_epoch_*")
+                  if not ckpt_lib.verify(str(p)))
+    assert done and done[-1] < 6, first[-3000:]  # interrupted, with epochs to go
+    last = done[-1]
+    before = _snapshot(run_dir)
+
+    out = _run_cli(_tiny_cli(tmp_path, raw, shards, "--resume", str(run_dir), "optim.epochs=6"), tmp_path,
+                   tmp_path / "resume.log", timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"resume: continuing run from {run_dir}/checkpoint_epoch_{last:04d} (epoch {last})" in out.stdout
+    assert "(6 epochs," in out.stdout
+    after = _snapshot(run_dir)
+    kept = {k: v for k, v in before.items() if int(k.split("/")[0][-4:]) <= last}
+    assert kept and all(after.get(k) == v for k, v in kept.items()), "an earlier checkpoint was rewritten"
+    assert sorted(int(p.name[-4:]) for p in run_dir.glob("checkpoint_epoch_*")) == list(range(1, 7))
+    client, runs = _mlflow_runs(f"sqlite:///{tmp_path}/mlflow.db", "sta-tiny")
+    assert len(runs) == 1  # the same MLflow run continued
+    epochs = [s for s, _ in _metric_steps(client, runs[0].info.run_id, "train/loss_total")]
+    assert epochs == sorted(set(epochs)) and epochs[-1] == 6 and set(range(last + 1, 7)) <= set(epochs)
+    steps = _checkpoint_steps(run_dir)
+    assert steps == {e: e * steps[1] for e in range(1, 7)}  # continuous step counter (and LR position)
+
+
+def test_resume_refuses_a_crafted_pickle_and_runs_nothing(tiny_shards, tmp_path, ray_shutdown, monkeypatch):
+    """A checkpoint whose DeepSpeed file would run `touch` (manifest rewritten to match, as anyone who can
+    write the bucket could): `--resume` and `pipeline.evaluate` both refuse it; the command never runs."""
+    import torch
+
+    from pipeline import checkpoint as ckpt_lib
+    from pipeline.train import main
+
+    monkeypatch.chdir(tmp_path)
+    raw, shards = tiny_shards
+    common = ["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.root={raw}", f"data.shards={shards}",
+              f"checkpoint.storage_path={tmp_path}/runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+              "tracking.log_model=false", "scaling.num_workers=1", "failure.max_failures=0"]
+    main(common + ["tracking.run_name=src", "optim.epochs=1"])
+    ck = tmp_path / "runs" / "src" / "checkpoint_epoch_0001"
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    states = ck / "ds" / "mp_rank_00_model_states.pt"
+    torch.save({"module": Payload()}, states)
+    ckpt_lib.write_manifest(str(ck), rank=0, world_size=1)
+    ev = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--checkpoint", str(ck)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 2 and "refused" in ev.stderr and "weights_only" not in ev.stderr, ev.stderr[-2000:]
+    summary = main(common + ["--resume", str(ck), "tracking.run_name=evil", "optim.epochs=2"])
+    assert summary["error"] and "refused" in summary["error"] and "posix.system" in summary["error"], summary
+    assert "weights_only" not in summary["error"]
+    assert not marker.exists(), "the crafted pickle ran"
+
+
+def test_non_finite_loss_stops_at_its_step_keeps_last_checkpoint_and_is_not_retried(tiny_shards, tmp_path,
+                                                                                    ray_shutdown, monkeypatch):
+    from faults import nan_loss_loop, use_loop
+    from pipeline import checkpoint as ckpt_lib
+    from pipeline.train import main
+
+    use_loop(monkeypatch, nan_loss_loop(at_step=3))  # tiny: 2 steps an epoch, so epoch 2's first step
+    monkeypatch.chdir(tmp_path)
+    raw, shards = tiny_shards
+    summary = main(["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.root={raw}", f"data.shards={shards}",
+                    f"checkpoint.storage_path={tmp_path}/runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                    "tracking.run_name=nan", "optim.epochs=3", "tracking.log_model=false", "failure.max_failures=2"])
+    err = summary["error"] or ""
+    assert "non-finite loss at global step 3" in err and "ce=nan" in err and "triplet=" in err, err
+    assert "[not retried]" in err, err  # Ray's retry stopped at once instead of training again
+    run_dir = tmp_path / "runs" / "nan"
+    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0001"]
+    assert ckpt_lib.verify(str(run_dir / "checkpoint_epoch_0001")) == []
+
+
+def test_final_evaluation_failure_keeps_the_epoch_and_final_export(tiny_shards, tmp_path, ray_shutdown, monkeypatch):
+    """The last epoch's evaluation raises: its checkpoint was written before, final/ is still exported,
+    and the run fails naming the evaluation error (no epoch is trained again)."""
+    from faults import eval_failure_loop, use_loop
+    from pipeline import checkpoint as ckpt_lib
+    from pipeline.train import main
+
+    use_loop(monkeypatch, eval_failure_loop())
+    monkeypatch.chdir(tmp_path)
+    raw, shards = tiny_shards
+    summary = main(["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.root={raw}", f"data.shards={shards}",
+                    f"checkpoint.storage_path={tmp_path}/runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                    "tracking.run_name=evfail", "optim.epochs=2", "tracking.log_model=false",
+                    "failure.max_failures=0"])
+    err = summary["error"] or ""
+    assert "evaluation after epoch 2 failed" in err and "gallery shard unreadable" in err, err
+    assert "checkpoint_epoch_0002 and final/ kept" in err, err
+    run_dir = tmp_path / "runs" / "evfail"
+    assert ckpt_lib.verify(str(run_dir / "checkpoint_epoch_0002")) == []
+    model, _, meta = ckpt_lib.load_any(str(run_dir / "final"))
+    assert meta["metrics"] == {} and model is not None
