@@ -5,11 +5,10 @@ from __future__ import annotations
 import io
 import math
 import tarfile
-from collections import Counter, defaultdict
+from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pipeline import storage

@@ -2,18 +2,10 @@
 once then by slot; persistent loaders fork once; close() stops the worker processes."""
 from __future__ import annotations
 
-import io
-import math
-import tarfile
-from collections import Counter, defaultdict
+import types
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from pipeline import storage
-import types
 
 from pipeline.eval_data import eval_loader
 from pipeline.loader import BatchRing, Normalized, _ship_by_slot

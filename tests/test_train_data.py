@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
 import tarfile
 from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pipeline import storage
 from pipeline.train_data import LoaderSpec, train_loader
