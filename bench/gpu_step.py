@@ -8,7 +8,7 @@ torch.compile from the flags), STA with a ResNet-50 trunk at 256x128, N=4, P=16 
 
 * (a) ``synthetic``: a few random uint8 ``(B, N, H, W, 3)`` batches created on the device and
   cycled: the step rate with no input pipeline at all (normalisation on the device included).
-* (b) ``real``: ``pipeline.stream.train_loader`` over shards packed by ``pipeline.pack`` from a
+* (b) ``real``: ``pipeline.train_data.train_loader`` over shards packed by ``pipeline.pack`` from a
   ``pipeline.synthetic`` data set (JPEGs at the training size; generated and packed once under
   ``--data``), ``--num-workers`` loader processes, pinned uint8 batches normalised on the device
   by ``pipeline.transforms.model_input``: what a Ray worker runs per step (``--decode device``:

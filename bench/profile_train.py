@@ -1,7 +1,7 @@
 """Where the training worker's time goes on CPU, with the real data path (for docs/performance.md).
 
 Data: a synthetic data set (``pipeline.synthetic``) packed into shards, read by
-``pipeline.stream.train_loader`` with ``--num-workers`` loader processes, exactly as
+``pipeline.train_data.train_loader`` with ``--num-workers`` loader processes, exactly as
 ``pipeline.worker`` reads it. Model/engine: ``configs/synthetic.yaml`` (tiny trunk) through
 ``build_model_from_config`` + ``build_engine`` (1-rank gloo group). The step is
 ``pipeline.worker.train_step`` split into its phases, each timed with ``perf_counter`` (CPU ops are
