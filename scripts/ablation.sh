@@ -2,15 +2,15 @@
 # The STA ablation in miniature, all through `python -m pipeline.tune` (grid mode), then docs/ablation.md.
 #   scripts/ablation.sh                 # pretraining (if absent), all sweeps, then the report
 #   scripts/ablation.sh variants        # only the named sweeps (configs/ablation/<name>.yaml)
-# Order: the pretraining run (configs/pretrain-synthetic.yaml) makes the trunk every run starts from;
-# the lambda_reg sweep runs next and its best lambda (mean mAP over its seeds) is passed to every later
-# sweep as loss.lambda_reg, which run on fresh seeds. Outputs (data, checkpoints, MLflow store) stay under
-# the git-ignored data/ and runs/; a finished sweep is restored from runs/ablation/<name>, not re-run.
+# Order: the pretraining run (configs/pretrain-synthetic.yaml) makes the trunk every run starts from; then
+# the sweeps by priority: the main comparison, from scratch, lambda, fusion/map, N, K. Outputs (data,
+# checkpoints, MLflow store) stay under the git-ignored data/ and runs/; a sweep is restored from
+# runs/ablation/<name>: finished trials are kept, an interrupted sweep continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0
 sweeps=("$@")
-[ ${#sweeps[@]} -gt 0 ] || sweeps=(lambda_reg variants scratch clip_len stripes)
+[ ${#sweeps[@]} -gt 0 ] || sweeps=(variants scratch lambda_reg fusion clip_len stripes)
 mkdir -p runs/ablation runs/pretrain
 if [ ! -f runs/pretrain/pretrain-synthetic/final/meta.json ]; then
   echo "== pretraining the trunk (configs/pretrain-synthetic.yaml)"
@@ -18,15 +18,9 @@ if [ ! -f runs/pretrain/pretrain-synthetic/final/meta.json ]; then
     || { tail -20 runs/pretrain/train.log; exit 1; }
   grep -A8 "^== STA training finished" runs/pretrain/train.log || true
 fi
-lam=""
 for s in "${sweeps[@]}"; do
-  extra=()
-  if [ "$s" != lambda_reg ]; then
-    [ -n "$lam" ] || lam=$(.venv/bin/python bench/ablation.py --choose-lambda)
-    extra=("loss.lambda_reg=$lam")
-  fi
-  echo "== sweep $s ${extra[*]}"
-  .venv/bin/python -m pipeline.tune --config "configs/ablation/$s.yaml" "${extra[@]}" 2>&1 \
+  echo "== sweep $s"
+  .venv/bin/python -m pipeline.tune --config "configs/ablation/$s.yaml" 2>&1 \
     | tee "runs/ablation/$s.log" | grep -E "^(==|   |search|restoring)" || true
 done
 .venv/bin/python bench/ablation.py
