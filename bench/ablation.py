@@ -34,7 +34,7 @@ LABELS = {"temporal_pooling": "temporal average pooling", "sta_no_reg": "STA wit
           "sta": "STA (max + avg fusion, with Reg)", "sta_max_only": "STA, max-importance fusion only",
           "sta_avg_only": "STA, weighted-sum fusion only", "sta_l2_map": "STA, l2 spatial map (AGRL's reading)"}
 VARIANTS = list(LABELS)
-TAIL_EPOCHS = 10  # "plateau": the loss's relative change over the last this many epochs
+TAIL_EPOCHS = 5  # "plateau": mean loss of the last 5 epochs against the 5 before (both after the LR drop)
 GOAL_POINTS = 5.0  # issue #12: STA beats temporal pooling by >= 5 mAP with the seed ranges apart
 
 
@@ -92,17 +92,19 @@ def _history(client, run_id: str, names: tuple[str, ...]) -> list[float]:
 
 
 def training_curves(uri: str, setting: dict) -> dict:
-    """Mean over seeds of the last epoch's total loss, its relative change over the last TAIL_EPOCHS
-    epochs, the Reg share of the objective, and the wall time of each run."""
+    """Mean over seeds of the last epoch's total loss, the relative change of the mean loss from the
+    TAIL_EPOCHS epochs before the last TAIL_EPOCHS to those, the Reg share of the objective, and the
+    wall time of each run."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
     final, change, share, secs = [], [], [], []
     for rid in setting["run_ids"]:
         loss = _history(client, rid, ("loss_total", "train/loss_total"))
-        if len(loss) > TAIL_EPOCHS:
+        if len(loss) >= 2 * TAIL_EPOCHS:
             final.append(loss[-1])
-            change.append((loss[-1] - loss[-1 - TAIL_EPOCHS]) / abs(loss[-1 - TAIL_EPOCHS]))
+            last, before = statistics.mean(loss[-TAIL_EPOCHS:]), statistics.mean(loss[-2 * TAIL_EPOCHS:-TAIL_EPOCHS])
+            change.append((last - before) / abs(before))
         reg = _history(client, rid, ("reg_share", "train/reg_share"))
         if reg:
             share.append(reg[-1])
@@ -183,7 +185,7 @@ def fmt(s: dict) -> str:
 
 
 def table(uri: str, items: list[tuple[str, dict]], *, reg_share: bool = False) -> list[str]:
-    head = "| setting | seeds | mAP | Rank-1 | final loss | loss change, last 10 epochs |"
+    head = "| setting | seeds | mAP | Rank-1 | final loss | loss change, last 5 epochs vs 5 before |"
     lines = [head + (" Reg share of loss |" if reg_share else ""), "|---" * (6 + reg_share) + "|"]
     for label, v in items:
         c = training_curves(uri, v)
