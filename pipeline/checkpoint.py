@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -36,6 +37,7 @@ from pipeline import storage
 from pipeline.config import Config, ConfigError, config_from_dict
 
 DS_TAG = "ds"
+log = logging.getLogger("pipeline.checkpoint")
 MANIFEST = "manifest.rank{rank}.json"
 _MANIFEST_RE = re.compile(r"^manifest\.rank(\d+)\.json$")
 
@@ -260,6 +262,34 @@ def export_model(state_dict: dict[str, torch.Tensor], cfg: Config, url: str, *, 
     storage.write_bytes(storage.join(url, "meta.json"), json.dumps(meta, indent=1).encode())
 
 
+def saved_config(raw: Any, source: str) -> Config:
+    """A config this project saved (in a checkpoint or an export), read leniently: keys that a later
+    version removed (e.g. ``failure.inject_at_epoch``) are dropped with a warning, so older runs stay
+    loadable; everything else is validated as a user's config is."""
+    from pydantic import BaseModel
+
+    dropped: list[str] = []
+
+    def prune(values: Any, model: type, prefix: str) -> Any:
+        if not isinstance(values, dict):
+            return values
+        out = {}
+        for key, value in values.items():
+            field = model.model_fields.get(key)
+            if field is None:
+                dropped.append(prefix + key)
+                continue
+            ann = field.annotation
+            section = isinstance(ann, type) and issubclass(ann, BaseModel)
+            out[key] = prune(value, ann, f"{prefix}{key}.") if section else value
+        return out
+
+    cfg = config_from_dict(prune(raw or {}, Config, ""))
+    if dropped:
+        log.warning("%s: config keys of an older version ignored: %s", source, ", ".join(dropped))
+    return cfg
+
+
 def build_model_from_config(cfg: Config, num_classes: int) -> torch.nn.Module:
     """The model of ``cfg.model``; ``model.pretrained`` may be a weights file or an earlier run's export,
     of which only the trunk is loaded (:func:`load_pretrained_trunk`)."""
@@ -369,7 +399,7 @@ def load_exported(url: str) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
     if not storage.exists(storage.join(url, "meta.json")):
         raise FileNotFoundError(f"{url}: not an exported model (no meta.json)")
     meta = json.loads(storage.read_bytes(storage.join(url, "meta.json")))
-    cfg = config_from_dict(yaml.safe_load(storage.read_bytes(storage.join(url, "config.yaml"))))
+    cfg = saved_config(yaml.safe_load(storage.read_bytes(storage.join(url, "config.yaml"))), url)
     cfg.model.pretrained = None  # weights come from model.pt
     model = build_model_from_config(cfg, meta["num_classes"])
     state = safe_load(io.BytesIO(storage.read_bytes(storage.join(url, "model.pt"))), name=f"{url}/model.pt")
@@ -399,7 +429,7 @@ def load_training_checkpoint(url: str) -> tuple[torch.nn.Module, Config, dict[st
         problems = verify(local, deep=True)
         if problems:
             raise CheckpointError(f"{url}: incomplete checkpoint, not used: {'; '.join(problems[:3])}")
-        cfg = config_from_dict(yaml.safe_load(Path(local, "config.yaml").read_text()))
+        cfg = saved_config(yaml.safe_load(Path(local, "config.yaml").read_text()), url)
         meta = json.loads(Path(local, "meta.json").read_text())
         if is_zero3(local):
             raise CheckpointError(f"{url}: partitioned (ZeRO-3) weights; use the run's final/ or best/ export")

@@ -121,7 +121,7 @@ def _is_run(names: list[str]) -> bool:
 def checkpoint_config(url: str) -> dict[str, Any]:
     """The flat config stored in a (verified) checkpoint."""
     raw = yaml.safe_load(storage.read_bytes(storage.join(url, "config.yaml")))
-    return config_from_dict(raw).flat()
+    return ckpt_lib.saved_config(raw, url).flat()
 
 
 def config_changes(old: dict[str, Any], cfg: Config) -> list[str]:

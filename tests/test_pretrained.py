@@ -84,3 +84,20 @@ def test_export_meta_carries_provenance(tmp_path):
     url, _ = _export(tmp_path, mlflow_run_id="r1", run_dir="/runs/x")
     meta = json.loads((Path(url) / "meta.json").read_text())
     assert meta["mlflow_run_id"] == "r1" and meta["run_dir"] == "/runs/x"
+
+
+def test_an_older_versions_export_still_loads(tmp_path):
+    """Exports written before a config key was removed (failure.inject_at_epoch) load with a warning."""
+    import yaml
+
+    from pipeline.checkpoint import load_exported
+
+    url, model = _export(tmp_path)
+    raw = yaml.safe_load((Path(url) / "config.yaml").read_text())
+    raw.setdefault("failure", {})["inject_at_epoch"] = 0
+    raw["model"]["retired_knob"] = 1
+    (Path(url) / "config.yaml").write_text(yaml.safe_dump(raw))
+    loaded, cfg, _ = load_exported(url)
+    assert cfg.model.kind == "temporal_pooling"
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
