@@ -11,7 +11,11 @@ call needed at its high point (imports and inputs excluded). Where clear_refs is
 ``ru_maxrss`` growth is used instead (a lower bound). Outputs go back through .npy files and are
 compared in the parent. Timings on a shared machine depend on its load: the load average is printed.
 
-    python bench/eval_speed.py [--repeats 5] [--json out.json]
+Busy machine (``--busy N``, default 2): the vectorised call again while N CPU-burning processes run,
+as a ratio to the quiet call of the same repeat; once with the threads ``sta_model`` chooses (the
+CPUs idle at the call) and once with one thread per CPU (torch's default, what ran before).
+
+    python bench/eval_speed.py [--repeats 5] [--busy 2] [--json out.json]
 """
 from __future__ import annotations
 
@@ -47,8 +51,12 @@ def make_data(out_dir: str, num_q=1980, num_g=9330, dim=1024, num_ids=625, num_c
         np.save(os.path.join(out_dir, name + ".npy"), arr)
 
 
-def worker(task: str, data_dir: str, out_path: str) -> None:
-    """Run one measurement in this (fresh) process; print a JSON line."""
+def worker(task: str, data_dir: str, out_path: str, num_threads: int | None = None) -> None:
+    """Run one measurement in this (fresh) process; print a JSON line.
+
+    Args:
+        num_threads: passed to the vectorised functions (None: they choose).
+    """
     sys.path[:0] = [ROOT, HERE]
     ld = lambda n: np.load(os.path.join(data_dir, n + ".npy"))  # noqa: E731
     if task.startswith("eval"):
@@ -70,8 +78,9 @@ def worker(task: str, data_dir: str, out_path: str) -> None:
         before, hwm = _status_kb("VmRSS"), True
     except OSError:
         before, hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, False
+    kw = {"num_threads": num_threads} if task.endswith("_vec") else {}
     t0, c0 = time.perf_counter(), time.process_time()
-    out = fn(*args)
+    out = fn(*args, **kw)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = _status_kb("VmHWM") if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak_mb = (peak - before) / 1024
@@ -90,13 +99,49 @@ def _status_kb(field: str) -> int:
     raise OSError(field)
 
 
-def measure(task: str, data_dir: str, out_path: str, threads: int | None) -> dict:
+def measure(task: str, data_dir: str, out_path: str, threads: int | None, *, num_threads: int | None = None,
+            busy: int = 0) -> dict:
+    """One call in a fresh process. ``threads``: OMP/MKL/OpenBLAS env for the process; ``num_threads``:
+    the argument of the vectorised call; ``busy``: CPU-burning processes running meanwhile."""
     env = dict(os.environ)
     if threads:  # torch intra-op and numpy's BLAS alike
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
-    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", task, "--_data", data_dir,
-                          "--_out", out_path], capture_output=True, text=True, check=True, env=env)
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+    try:
+        cmd = [sys.executable, os.path.abspath(__file__), "--_worker", task, "--_data", data_dir, "--_out", out_path]
+        if num_threads:
+            cmd += ["--_threads", str(num_threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _spread(values: list[float]) -> tuple[float, float, float]:
+    return min(values), statistics.median(values), max(values)
+
+
+def busy_rows(what: str, data_dir: str, repeats: int, busy: int, threads: int | None) -> dict:
+    """Quiet vs busy (``busy`` burners) for the vectorised call, chosen threads and one per CPU."""
+    runs = {"quiet": [], "busy": [], "busy_all_cpus": []}
+    out = os.path.join(data_dir, f"{what}_busy.npy")
+    for r in range(repeats):
+        runs["quiet"].append(measure(f"{what}_vec", data_dir, out, threads))
+        runs["busy"].append(measure(f"{what}_vec", data_dir, out, threads, busy=busy))
+        runs["busy_all_cpus"].append(measure(f"{what}_vec", data_dir, out, threads, busy=busy,
+                                             num_threads=os.cpu_count()))
+        print(f"  {what:6s} busy run {r + 1}/{repeats}: quiet {runs['quiet'][-1]['seconds']:.3f} s, "
+              f"{busy} burners {runs['busy'][-1]['seconds']:.3f} s, same with {os.cpu_count()} threads "
+              f"{runs['busy_all_cpus'][-1]['seconds']:.3f} s, load {os.getloadavg()[0]:.1f}", flush=True)
+    row = {"name": f"{what}_busy", "repeats": repeats, "burners": busy}
+    for k, v in runs.items():
+        row[f"{k}_s"] = [m["seconds"] for m in v]
+        row[f"{k}_cpu_s"] = [m["cpu_seconds"] for m in v]
+    for k in ("busy", "busy_all_cpus"):
+        row[f"{k}_ratio"] = _spread([b["seconds"] / q["seconds"] for q, b in zip(runs["quiet"], runs[k])])
+    return row
 
 
 def main() -> None:
@@ -106,10 +151,13 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=2.8)
     ap.add_argument("--threads", type=int, default=None, help="threads per measurement (default: library default)")
     ap.add_argument("--only", choices=("eval", "rerank"), default=None, help="run one of the two benchmarks")
+    ap.add_argument("--busy", type=int, default=2, help="CPU-burning processes for the busy rows (0: skip them)")
+    ap.add_argument("--busy-only", action="store_true", help="only the busy rows (no loop baselines)")
     ap.add_argument("--_worker"), ap.add_argument("--_data"), ap.add_argument("--_out")
+    ap.add_argument("--_threads", type=int, default=None)
     a = ap.parse_args()
     if a._worker:
-        return worker(a._worker, a._data, a._out)
+        return worker(a._worker, a._data, a._out, a._threads)
 
     sys.path[:0] = [ROOT]
     from sta_model.metrics import evaluate_rank
@@ -118,8 +166,11 @@ def main() -> None:
         make_data(tmp, noise=a.noise)
         ld = lambda n: np.load(os.path.join(tmp, n + ".npy"))  # noqa: E731
         labels = (ld("q_pids"), ld("g_pids"), ld("q_cams"), ld("g_cams"))
-        rows = []
+        rows, busy = [], []  # busy rows apart: bench/run_all.py reads "rows" as vec-vs-loop rows
         for what in (a.only,) if a.only else ("eval", "rerank"):
+            if a.busy_only:
+                busy.append(busy_rows(what, tmp, a.repeats, a.busy or 2, a.threads))
+                continue
             runs = {"vec": [], "loop": []}
             for r in range(a.repeats):
                 for impl in ("vec", "loop"):
@@ -130,13 +181,15 @@ def main() -> None:
                           f"load {os.getloadavg()[0]:.1f}", flush=True)
             vec, loop = np.load(os.path.join(tmp, f"{what}_vec.npy")), np.load(os.path.join(tmp, f"{what}_loop.npy"))
             ratios = [lo["seconds"] / v["seconds"] for v, lo in zip(runs["vec"], runs["loop"])]
+            cpu_ratios = [lo["cpu_seconds"] / v["cpu_seconds"] for v, lo in zip(runs["vec"], runs["loop"])]
             row = {"name": what, "repeats": a.repeats,
                    "vec_s": [m["seconds"] for m in runs["vec"]], "loop_s": [m["seconds"] for m in runs["loop"]],
                    "vec_cpu_s": [m["cpu_seconds"] for m in runs["vec"]],
                    "loop_cpu_s": [m["cpu_seconds"] for m in runs["loop"]],
                    "vec_peak_mb": max(m["peak_mb"] for m in runs["vec"]),
                    "loop_peak_mb": max(m["peak_mb"] for m in runs["loop"]),
-                   "ratio_min": min(ratios), "ratio_median": statistics.median(ratios), "ratio_max": max(ratios)}
+                   "ratio_min": min(ratios), "ratio_median": statistics.median(ratios), "ratio_max": max(ratios),
+                   "cpu_ratio": _spread(cpu_ratios)}
             if what == "eval":
                 row.update(cmc_max_abs_diff=float(np.abs(vec[:-1] - loop[:-1]).max()),
                            map_abs_diff=float(abs(vec[-1] - loop[-1])), mAP=float(vec[-1]),
@@ -152,6 +205,8 @@ def main() -> None:
                            same_top10_frac=float(same_rank),
                            agree=bool(np.array_equal(cmc_v, cmc_l) and map_v == map_l))
             rows.append(row)
+            if a.busy:
+                busy.append(busy_rows(what, tmp, a.repeats, a.busy, a.threads))
 
     import torch
     threads = a.threads or torch.get_num_threads()
@@ -168,9 +223,19 @@ def main() -> None:
         print(f"{r['name']:7s} {statistics.median(r['vec_s']):11.3f} {statistics.median(r['loop_s']):12.3f} "
               f"{r['ratio_min']:6.1f}/{r['ratio_median']:5.1f}/{r['ratio_max']:5.1f}x "
               f"{r['vec_peak_mb']:7.0f} {r['loop_peak_mb']:8.0f}  {agree}; agree={r['agree']}")
+    for r in rows:
+        c = r["cpu_ratio"]
+        print(f"{r['name']:12s} speed-up by CPU time {c[0]:.1f}/{c[1]:.1f}/{c[2]:.1f}x "
+              f"(vec {statistics.median(r['vec_cpu_s']):.3f} s, loop {statistics.median(r['loop_cpu_s']):.3f} s CPU)")
+    for r in busy:
+        b, c = r["busy_ratio"], r["busy_all_cpus_ratio"]
+        print(f"{r['name']:12s} quiet {statistics.median(r['quiet_s']):.3f} s; with {r['burners']} burners "
+              f"{b[0]:.2f}/{b[1]:.2f}/{b[2]:.2f}x quiet (chosen threads), {c[0]:.2f}/{c[1]:.2f}/{c[2]:.2f}x "
+              f"({os.cpu_count()} threads, torch's default)")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"benchmark": "eval_speed", "threads": threads, "load_avg_1min": load, "rows": rows}, f, indent=1)
+            json.dump({"benchmark": "eval_speed", "threads": threads, "load_avg_1min": load, "rows": rows,
+                       "busy": busy}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -328,7 +328,8 @@ def test_training_survives_15s_s3_outage_during_checkpoint_upload(s3_server, s3_
     proxy = TcpProxy((host, int(port)))
     proxy.cut_when(f"/{s3_bucket}/runs/cut/checkpoint_epoch_0001/".encode(), 15)
     proxy.cut_when(f"/{s3_bucket}/runs/cut/checkpoint_manager_snapshot.json".encode(), 15)
-    env = dict(os.environ, AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}", PYTHONPATH=str(root))
+    env = dict(os.environ, AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}", PYTHONPATH=str(root),
+               RAY_raylet_start_wait_time_s="300")  # a loaded machine starts Ray slowly
     cmd = [sys.executable, "-m", "pipeline.train", "--config", str(root / "configs" / "tiny.yaml"),
            f"data.root={tmp_path}/raw", f"data.shards=s3://{s3_bucket}/tiny",
            f"checkpoint.storage_path=s3://{s3_bucket}/runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
@@ -338,6 +339,8 @@ def test_training_survives_15s_s3_outage_during_checkpoint_upload(s3_server, s3_
     finally:
         proxy.close()
     log = out.stdout + out.stderr
+    (tmp_path / "train.log").write_text(log)  # for a failure: the whole run's output
+    assert "timed out during startup" not in log, "Ray did not start (machine overloaded?)"
     assert len(proxy.cuts) == 2 and all(end and end - start >= 15 for start, end in proxy.cuts), log[-3000:]
     assert out.returncode == 0, log[-6000:]
     assert "FailurePolicy" not in log and "ControllerError" not in log, log[-6000:]
