@@ -129,7 +129,7 @@ def query_clips(raw_root: Path, n_clips: int, clip_len: int) -> tuple[torch.Tens
 
 
 def attention_of(model: torch.nn.Module, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = model_input(clips.permute(0, 1, 4, 2, 3).contiguous(), torch.device("cpu"), torch.float32)
+    x = model_input(clips, torch.device("cpu"), torch.float32)  # uint8 (B, N, H, W, 3) -> normalised (B, N, 3, H, W)
     B, N = x.shape[:2]
     with torch.no_grad():
         f = model.trunk(x.flatten(0, 1))
@@ -142,30 +142,72 @@ def export_dir(runs: Path, sweep: str, trial_id: str) -> str | None:
     return found[0] if found else None
 
 
+OCCLUDER_RGB = (150, 80, 30)  # one of the renderer's palette colours, as its occluders are
+
+
+def occlude(clips: torch.Tensor, frame: int, stripe: int, num_stripes: int) -> torch.Tensor:
+    """``clips`` (B, N, H, W, 3) uint8 with a solid band over horizontal stripe ``stripe`` of one frame."""
+    out = clips.clone()
+    h = clips.shape[2] // num_stripes
+    out[:, frame, stripe * h:(stripe + 1) * h] = torch.tensor(OCCLUDER_RGB, dtype=torch.uint8)
+    return out
+
+
+def embed(model: torch.nn.Module, clips: torch.Tensor) -> torch.Tensor:
+    x = model_input(clips, torch.device("cpu"), torch.float32)  # uint8 (B, N, H, W, 3) -> normalised (B, N, 3, H, W)
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def occluder_test(models: dict, clips: torch.Tensor, K: int) -> list[str]:
+    """Paste an occluder over one stripe of one frame of every query clip. STA's premise is that the
+    occluded (frame, stripe) gets a low score S and the clip's embedding barely moves; a model that gives
+    the occluder high energy does the opposite. Temporal pooling has no S; its embedding shift is the
+    baseline the STA ones are compared with."""
+    lines = ["| model (seed 5) | S of the occluded (frame, stripe), mean over clips and stripes | "
+             "S of the same cell without the occluder | embedding shift ‖e_occ − e‖ / ‖e‖ |",
+             "|---|---|---|---|"]
+    for label, model in models.items():
+        e = embed(model, clips)
+        shift, s_occ, s_clean = [], [], []
+        for k in range(K):
+            occ = occlude(clips, 0, k, K)
+            shift.append(((embed(model, occ) - e).norm(dim=1) / e.norm(dim=1)).mean())
+            if hasattr(model, "num_blocks"):
+                s_occ.append(attention_of(model, occ)[1][:, 0, k].mean())
+                s_clean.append(attention_of(model, clips)[1][:, 0, k].mean())
+        cell = (lambda v: f"{torch.stack(v).mean():.3f}") if s_occ else (lambda v: "—")  # noqa: E731
+        lines.append(f"| {label} | {cell(s_occ)} | {cell(s_clean)} | {torch.stack(shift).mean():.3f} |")
+    return lines + ["", f"(uniform S = 1/N = {1 / clips.shape[1]:.3f}: below it, the occluded cell is played down)"]
+
+
 def attention_evidence(runs: Path, groups: dict, base, out: Path) -> list[str]:
     """Figure: the same query clips through a pretrained-start and a from-scratch STA (same seed),
-    plus how selective each one's score matrix is over all query clips."""
-    pre, scr = groups.get("variants", {}).get("sta"), groups.get("scratch", {}).get("sta")
+    how selective each one's score matrix is over all query clips, and the occluder test."""
+    v, sc = groups.get("variants", {}), groups.get("scratch", {})
+    pre, scr = v.get("sta"), sc.get("sta")
     if not pre or not scr:
         return ["Not drawn: needs the `variants` and `scratch` sweeps."]
     seed = sorted(set(pre["trials"]) & set(scr["trials"]))[0]
     models = {}
-    for label, sweep, g in (("pretrained start", "variants", pre), ("from scratch", "scratch", scr)):
-        d = export_dir(runs, sweep, g["trials"][seed])
-        if d is None:
-            return [f"Not drawn: no export of trial {g['trials'][seed]} under {runs / sweep}."]
-        models[label] = load_exported(d)[0]
+    for label, sweep, g in (("STA, pretrained start", "variants", pre), ("STA, from scratch", "scratch", scr),
+                            ("temporal pooling, pretrained start", "variants", v.get("temporal_pooling")),
+                            ("temporal pooling, from scratch", "scratch", sc.get("temporal_pooling"))):
+        d = export_dir(runs, sweep, g["trials"][seed]) if g and seed in g["trials"] else None
+        if d is not None:
+            models[label] = load_exported(d)[0]
+    sta = {k: m for k, m in models.items() if k.startswith("STA")}
+    if len(sta) < 2:
+        return [f"Not drawn: no exports of seed {seed}'s STA runs under {runs}."]
     raw = Path(base.data.root)
     raw = raw if raw.is_absolute() else ROOT / raw
     clips, names = query_clips(raw, 4, base.data.clip_len)
     everything, _ = query_clips(raw, 10_000, base.data.clip_len)
-    panels, lines = [], ["| trunk start | mean max over frames of S(n,k) | mean top-stripe share of g |",
-                         "|---|---|---|"]
-    for label, model in models.items():
+    panels, lines = [], ["| model | mean max over frames of S(n,k) | mean top-stripe share of g |", "|---|---|---|"]
+    for label, model in sta.items():
         g, S = attention_of(model, clips)
-        frames = clips.permute(0, 1, 4, 2, 3).float() / 255
         for i, name in enumerate(names[:3]):
-            panels.append((frames[i].numpy(), g[i].numpy(), S[i].numpy(), f"{label}: query {name}"))
+            panels.append((clips[i].numpy(), g[i].numpy(), S[i].numpy(), f"{label}: query {name}"))
         g_all, S_all = attention_of(model, everything)
         K = model.num_blocks
         stripe = g_all.reshape(*g_all.shape[:2], K, -1).sum(-1)  # (B, N, K) share of each stripe
@@ -175,7 +217,10 @@ def attention_evidence(runs: Path, groups: dict, base, out: Path) -> list[str]:
                               title=f"STA attention, seed {seed}: pretrained start (top) vs from scratch (bottom)")
     return [f"![attention: pretrained start vs from scratch]({png.name})", "",
             f"Same query clips, seed {seed}, both models after the same budget. Over all "
-            f"{everything.shape[0]} query clips:", "", *lines]
+            f"{everything.shape[0]} query clips:", "", *lines, "",
+            "**Occluder test.** Every query clip with a solid band (an occluder as the renderer draws it) pasted "
+            "over one stripe of its first frame, for each stripe in turn:", "",
+            *occluder_test(models, everything, base.model.num_blocks)]
 
 
 # --------------------------------------------------------------------------- the report
