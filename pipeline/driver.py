@@ -230,7 +230,13 @@ def open_run(cfg: Config, *, run_name: str, run_dir: str, experiment_id: str,
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "resume_count", str(int(found[0].data.tags.get("resume_count", "0")) + 1))
         return run_id
-    return client.create_run(experiment_id, run_name=run_name, tags=tracking.safe_tags(tags)).info.run_id
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=tracking.safe_tags(tags)).info.run_id
+    # Params and config now, so a run that fails before any worker starts still says what it was.
+    tracker = tracking.Tracker(cfg)
+    tracker.start(cfg, run_id=run_id, resumed=False)
+    tracker.log_params(cfg)
+    tracker.log_config(cfg)
+    return run_id
 
 
 def _quote(s: str) -> str:

@@ -274,7 +274,13 @@ def fit_tracked(cfg: Config, args: argparse.Namespace, *, run_name: str, storage
     """
     from pipeline import driver
 
+    from pipeline.worker import batches_per_epoch
+
     absolute_paths(cfg)
+    # At least one per-step point per epoch (the workers cap it too); here, so the params logged
+    # below already hold the value in force.
+    ids = int(manifest["splits"]["train"]["num_identities"])
+    cfg.tracking.log_every_steps = min(cfg.tracking.log_every_steps, batches_per_epoch(cfg, ids, 1))
     root = storage_path if "://" in storage_path else os.path.abspath(storage_path)
     run_dir = f"{root.rstrip('/')}/{run_name}"
     run_id = None
