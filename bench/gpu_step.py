@@ -39,21 +39,11 @@ import time
 
 import torch
 
+from _process_group import one_rank_group
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from pipeline.train import free_port  # noqa: E402
 
 TARGET = 0.95  # issue #7: the real data path within 5% of synthetic batches
-
-
-def _one_rank_group(device: torch.device) -> None:
-    """build_engine expects a process group (Ray sets one up); a lone process gets a 1-rank one."""
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
 def prepare_shards(data_dir: str, a) -> str:
@@ -163,7 +153,7 @@ def main(argv=None) -> int:
         f"model.channels_last={str(a.channels_last).lower()}", "model.compile=false",
         f"model.compile_mode={a.compile_mode}", "deepspeed.zero_stage=0", f"deepspeed.precision={a.precision}",
         f"scaling.use_gpu={str(device.type == 'cuda').lower()}", "optim.warmup_epochs=0"])
-    _one_rank_group(device)
+    one_rank_group(device)
     torch.manual_seed(0)
     model = build_model_from_config(cfg, a.num_classes)
     n_params = sum(p.numel() for p in model.parameters())

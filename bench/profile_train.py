@@ -24,7 +24,6 @@ import json
 import os
 import pstats
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,21 +32,9 @@ import time
 
 import torch
 
+from _process_group import one_rank_group
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-
-def _one_rank_group() -> None:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=0, world_size=1)
 
 
 def _memory_child(trunk: str, overrides: list[str]) -> None:
@@ -59,7 +46,7 @@ def _memory_child(trunk: str, overrides: list[str]) -> None:
 
     cfg = load_config(os.path.join(ROOT, "configs", "synthetic.yaml"), overrides + [f"model.trunk={trunk}"])
     cfg.model.pretrained = None
-    _one_rank_group()
+    one_rank_group()
     d = cfg.data
     model = build_model_from_config(cfg, 625)
     engine, precision, _ = build_engine(model, cfg, world_size=1, steps_per_epoch=10)
@@ -144,7 +131,7 @@ def main(argv=None) -> int:
         packmod.pack("synthetic", gen["root"], url, shard_bytes=1 << 20, progress=False)
     man = read_manifest(url)
     num_classes = int(man["num_classes"])
-    _one_rank_group()
+    one_rank_group()
     torch.manual_seed(0)
     model = ckpt_lib.build_model_from_config(cfg, num_classes)
     engine, precision, _ = build_engine(model, cfg, world_size=1, steps_per_epoch=a.steps)

@@ -14,16 +14,13 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import time
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pipeline.datasets import load_dataset  # noqa: E402
-from pipeline.synthetic import generate  # noqa: E402
+from pipeline.datasets import load_dataset
+from pipeline.synthetic import generate
 
 
 def rank1_map(dist: np.ndarray, q_pids, g_pids, q_cams, g_cams) -> tuple[float, float]:

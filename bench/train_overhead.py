@@ -28,26 +28,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 
+from _process_group import one_rank_group
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from pipeline.train import free_port  # noqa: E402
-
-
-
-def _one_rank_group() -> None:
-    """build_engine expects a process group (Ray sets one up); a lone process gets a 1-rank one."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0")
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=0, world_size=1)
 
 
 def _batches(cfg, steps: int, num_classes: int, seed: int) -> list[dict]:
@@ -88,7 +75,7 @@ def main(argv=None) -> int:
     cfg = load_config(a.config, a.set)
     cfg.scaling.use_gpu = False
     cfg.model.pretrained = None
-    _one_rank_group()
+    one_rank_group()
     device = torch.device("cpu")
     steps = a.warmup + a.steps
     batches = _batches(cfg, steps, a.num_classes, cfg.seed)
