@@ -347,3 +347,16 @@ def test_cli_one_line_exit_2(tmp_path, write, args, fragment):
                          capture_output=True, text=True, timeout=120)
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(fragment), out.stderr
+
+
+def test_public_names_stay_in_pipeline_config():
+    """YAML, overrides and error rendering live in pipeline.config_io; callers keep importing pipeline.config."""
+    import pipeline.config as config
+    import pipeline.config_io as config_io
+
+    for name in config.__all__:
+        assert hasattr(config, name), name
+    for name in ("ConfigError", "parse_override", "parse_text", "read_yaml", "yaml_load", "config_error"):
+        assert getattr(config, name) is getattr(config_io, name), name
+    with pytest.raises(config.ConfigError, match="optim.lr: duplicate key"):
+        config_io.yaml_load("optim:\n  lr: 1\n  lr: 2\n")
