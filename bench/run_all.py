@@ -153,6 +153,8 @@ def _rows(name: str, res: dict) -> list[str]:
                          ("no_ring", "the same without batch-buffer reuse")):
             labels[f"stream_local_u8_vs_{ab}"] = (u8, what, "-", None)
             labels[f"stream_local_u8_vs_{ab}_cpu"] = (f"{u8}, frames per CPU-s", f"{what}, per CPU-s", "-", None)
+            labels[f"stream_local_u8_{ab}_first_epoch_vs_raw_decode"] = (f"{u8}, {what[9:]}: its first epoch", raw,
+                                                                      "-", None)
         # absolute rates on the headline rows (medians over the repeats)
         sm = res.get("summary", {})
         rate = lambda c: f" ({sm[c]['frames_per_s']:.0f} frames/s, {sm[c]['clips_per_s']:.0f} clips/s)"  # noqa: E731

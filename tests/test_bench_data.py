@@ -63,7 +63,8 @@ def test_data_throughput_smoke_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     persistent = ("stream_local", "stream_local_u8", "stream_local_jpeg", "stream_s3",  # s3: moto on 127.0.0.1
-                  "stream_s3_cached", "wds_stock")  # wds_stock: the stock webdataset peer row
+                  "stream_s3_cached", "wds_stock",  # wds_stock: the stock webdataset peer row
+                  "stream_local_u8_stock_tar", "stream_local_u8_no_ring")  # the A/B rows
     assert set(r["first_epoch"]) == set(persistent)
     for name in ("stream_s3", "stream_s3_cached"):  # the server's CPU is measured apart from the stream's
         assert all(x["server_cpu_s"] >= 0 for x in r["runs"][name]), r["runs"][name]
@@ -73,7 +74,8 @@ def test_data_throughput_smoke_run(tmp_path):
         assert all(x["loader_cpu_s"] >= 0 and x["cpu_s"] >= x["main_cpu_s"] for x in runs), (name, runs)
     for key in ("stream_local_u8_vs_raw_decode", "stream_local_u8_vs_raw_decode_cpu",
                 "stream_local_u8_fresh_vs_raw_decode", "stream_local_u8_first_epoch_vs_raw_decode",
-                "stream_local_u8_vs_wds_stock", "stream_local_u8_vs_wds_stock_cpu"):
+                "stream_local_u8_vs_wds_stock", "stream_local_u8_vs_wds_stock_cpu",
+                "stream_local_u8_vs_stock_tar_cpu", "stream_local_u8_vs_no_ring_cpu"):
         v = r["ratios"][key]
         assert 0 < v["min"] <= v["median"] <= v["max"]
     rows = _run_all()._rows("data_throughput", r)
