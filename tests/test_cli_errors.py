@@ -25,7 +25,7 @@ def _cli(module: str, *args: str, env: dict | None = None, cwd=None) -> tuple[su
 
 def _train(tmp_path, *overrides: str, env: dict | None = None):
     return _cli("pipeline.train", "--config", str(ROOT / "configs" / "tiny.yaml"), f"data.root={tmp_path}/raw",
-                f"checkpoint.storage_path={tmp_path}/runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                f"checkpoint.storage_path={tmp_path}/runs", "tracking.enabled=false",  # no MLflow DB creation lines
                 *overrides, env=env, cwd=tmp_path)
 
 
@@ -80,12 +80,12 @@ def test_train_no_and_wrong_credentials(s3_auth_server, tmp_path):  # noqa: F811
     none = {**base, "AWS_ENDPOINT_URL": s3_auth_server, "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
             "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(ROOT / "configs" / "tiny.yaml"),
-                          f"data.root={tmp_path}/raw", "data.shards=s3://b/shards"], cwd=tmp_path, env=none,
+                          f"data.root={tmp_path}/raw", "data.shards=s3://b/shards", "tracking.enabled=false"], cwd=tmp_path, env=none,
                          capture_output=True, text=True, timeout=300)
     _one_line(out, "config error: data.shards: s3://b/shards: no S3 credentials found")
     wrong = {**none, "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG0", "AWS_SECRET_ACCESS_KEY": "wrong"}
     out = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(ROOT / "configs" / "tiny.yaml"),
-                          f"data.root={tmp_path}/raw", "data.shards=s3://b/shards"], cwd=tmp_path, env=wrong,
+                          f"data.root={tmp_path}/raw", "data.shards=s3://b/shards", "tracking.enabled=false"], cwd=tmp_path, env=wrong,
                          capture_output=True, text=True, timeout=300)
     _one_line(out, "config error: data.shards: s3://b/shards: access denied (403")
 
