@@ -340,7 +340,8 @@ def test_training_survives_15s_s3_outage_during_checkpoint_upload(s3_server, s3_
         proxy.close()
     log = out.stdout + out.stderr
     (tmp_path / "train.log").write_text(log)  # for a failure: the whole run's output
-    assert "timed out during startup" not in log, "Ray did not start (machine overloaded?)"
+    if out.returncode and ("timed out during startup" in log or "Failed to start the dashboard" in log):
+        pytest.skip("the local Ray did not start (overloaded machine): nothing about S3 was tested")
     assert len(proxy.cuts) == 2 and all(end and end - start >= 15 for start, end in proxy.cuts), log[-3000:]
     assert out.returncode == 0, log[-6000:]
     assert "FailurePolicy" not in log and "ControllerError" not in log, log[-6000:]
