@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline import storage
-from pipeline.config import ConfigError, apply_overrides
+from pipeline.config import ConfigError, apply_overrides, parse_override
 
 # What the two kinds of directory hold (for messages about a directory that is neither).
 KINDS = ("an exported model (<run>/final or <run>/best: model.pt, meta.json) or a training checkpoint "
@@ -42,7 +42,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     model, cfg, meta = load_or_exit(args.checkpoint)
     try:
         if args.overrides:
-            cfg = apply_overrides(cfg, dict(_split(o) for o in args.overrides))
+            cfg = apply_overrides(cfg, dict(parse_override(o) for o in args.overrides))
         storage.check(cfg.data.shards)
     except (ConfigError, storage.StorageError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
@@ -121,12 +121,6 @@ def one_line(exc: BaseException) -> str:
     if "weights_only=False" in str(exc) or "Unpickl" in first:
         return f"not a plain tensor file ({type(exc).__name__}); it is not loaded"
     return first if len(first) <= 300 else first[:300] + "..."
-
-
-def _split(text: str) -> tuple[str, Any]:
-    from pipeline.config import parse_override
-
-    return parse_override(text)
 
 
 def _log(cfg, args, metrics: dict, scalars: dict) -> None:
