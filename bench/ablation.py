@@ -325,6 +325,7 @@ def main(argv=None) -> str:
     ap.add_argument("--runs", default=str(ROOT / "runs" / "ablation"))
     ap.add_argument("--out", default=str(ROOT / "docs"))
     ap.add_argument("--choose-lambda", action="store_true", help="print the lambda_reg sweep's best lambda")
+    ap.add_argument("--code-note", default="", help="a line on which code the sweeps ran (written under Runs)")
     args = ap.parse_args(argv)
     runs, out = Path(args.runs), Path(args.out)
     if args.choose_lambda:
@@ -409,7 +410,14 @@ def main(argv=None) -> str:
     secs = [x for gs in groups.values() for g in gs.values() for x in g.get("curves", {}).get("seconds", [])]
     n = sum(len(r) for r in sweeps.values() if r)
     bad = sum(r["status"] != "finished" for rows in sweeps.values() if rows for r in rows)
-    lines += ["## Runs", "", f"{n} trials, {bad} not finished"
+    missing = [name for name, rows in sweeps.items() if not rows]
+    lines += ["## Runs", ""]
+    if missing:
+        lines += [f"Not run yet: {', '.join(f'`{m}`' for m in missing)} (`scripts/ablation.sh` runs them; a sweep "
+                  "that was cut short continues where it stopped).", ""]
+    if args.code_note:
+        lines += [args.code_note, ""]
+    lines += [f"{n} trials, {bad} not finished"
               + (f"; a run's wall time {statistics.mean(secs):.0f} s on average ({min(secs):.0f}–{max(secs):.0f} s), "
                  "3 runs at a time on a shared 2-core machine." if secs else "."), ""]
     text = "\n".join(lines)
