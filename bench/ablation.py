@@ -169,13 +169,14 @@ def occluder_test(models: dict, clips: torch.Tensor, K: int, facts: dict) -> lis
              "|---|---|---|---|"]
     for label, model in models.items():
         e = embed(model, clips)
+        clean_S = attention_of(model, clips)[1] if hasattr(model, "num_blocks") else None
         shift, s_occ, s_clean = [], [], []
         for k in range(K):
             occ = occlude(clips, 0, k, K)
             shift.append(((embed(model, occ) - e).norm(dim=1) / e.norm(dim=1)).mean())
-            if hasattr(model, "num_blocks"):
+            if clean_S is not None:
                 s_occ.append(attention_of(model, occ)[1][:, 0, k].mean())
-                s_clean.append(attention_of(model, clips)[1][:, 0, k].mean())
+                s_clean.append(clean_S[:, 0, k].mean())
         cell = (lambda v: f"{torch.stack(v).mean():.3f}") if s_occ else (lambda v: "—")  # noqa: E731
         lines.append(f"| {label} | {cell(s_occ)} | {cell(s_clean)} | {torch.stack(shift).mean():.3f} |")
         facts[label] = {**facts.get(label, {}), "shift": float(torch.stack(shift).mean())}

@@ -315,20 +315,26 @@ def is_export(url: str) -> bool:
         return False
 
 
-def export_trunk_state(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(trunk state_dict, info)`` of an exported run: the ``trunk.*`` weights with the prefix removed,
-    and ``info`` = the export's trunk kind, last stride, MLflow run id and run directory."""
+def export_info(url: str) -> dict[str, Any]:
+    """An exported run's trunk kind, last stride, MLflow run id and run directory (config.yaml and
+    meta.json only: the weights are not read)."""
     raw = yaml.safe_load(storage.read_bytes(storage.join(url, "config.yaml"))) or {}
     meta = json.loads(storage.read_bytes(storage.join(url, "meta.json")))
+    model_cfg = raw.get("model", {}) if isinstance(raw, dict) else {}
+    return {"trunk": model_cfg.get("trunk"), "last_stride": model_cfg.get("last_stride"),
+            "mlflow_run_id": meta.get("mlflow_run_id"), "run_dir": meta.get("run_dir"), "source": url}
+
+
+def export_trunk_state(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(trunk state_dict, info)`` of an exported run: the ``trunk.*`` weights with the prefix removed,
+    and :func:`export_info`."""
+    info = export_info(url)
     try:
         state = torch.load(io.BytesIO(storage.read_bytes(storage.join(url, "model.pt"))), map_location="cpu",
                            weights_only=True)
     except Exception as exc:  # torch's message advises weights_only=False: never pass that on
         raise ValueError(f"model.pretrained: {url}/model.pt is not a plain state_dict "
                          f"({type(exc).__name__})") from None
-    model_cfg = raw.get("model", {}) if isinstance(raw, dict) else {}
-    info = {"trunk": model_cfg.get("trunk"), "last_stride": model_cfg.get("last_stride"),
-            "mlflow_run_id": meta.get("mlflow_run_id"), "run_dir": meta.get("run_dir"), "source": url}
     trunk = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}
     return trunk, info
 

@@ -20,7 +20,7 @@ def pretrained_tags(cfg: Config) -> dict[str, str]:
     src = cfg.model.pretrained
     if not src or not ckpt_lib.is_export(src):
         return {}
-    _, info = ckpt_lib.export_trunk_state(src)
+    info = ckpt_lib.export_info(src)  # tags need no weights
     tags = {"pretrained.source": src, "pretrained.trunk": str(info["trunk"])}
     if info.get("mlflow_run_id"):
         tags["pretrained.source_run_id"] = str(info["mlflow_run_id"])
