@@ -79,16 +79,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pipeline.train import free_port  # noqa: E402
-
-from pipeline import storage  # noqa: E402
-from pipeline.datasets import load_dataset  # noqa: E402
-from pipeline.train_data import train_loader  # noqa: E402
-from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, frame_buffer, restricted_sample  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _loop_baselines import wds_stock_loader  # noqa: E402
+from pipeline import storage
+from pipeline.datasets import load_dataset
+from pipeline.train import free_port
+from pipeline.train_data import train_loader
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, frame_buffer, restricted_indices
 
 
 # --------------------------------------------------------------------------- per-file baseline
@@ -106,7 +101,7 @@ class PerFileClips(Dataset):
 
     def __getitem__(self, i):
         t = self.tracklets[i]
-        idx = restricted_sample(len(t.frames), self.clip_len, self.rng)
+        idx = restricted_indices(len(t.frames), self.clip_len, self.rng)
         flip = self.rng.random() < 0.5  # one coin per clip
         out = []
         for fi in idx:
@@ -216,6 +211,9 @@ def _time_loader(loader, n_batches):
 
 
 def main(argv=None) -> int:
+    # bench/ is on sys.path when this runs as a script; tests import this file by path for its helpers
+    from _loop_baselines import wds_stock_loader
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None, help="write results here")

@@ -119,10 +119,6 @@ class Split:
         """Shard URL -> its number of samples (readers check that they saw all of them)."""
         return {u: int(s["num_tracklets"]) for u, s in zip(self.urls, self.shards) if "num_tracklets" in s}
 
-    def counts(self) -> dict:
-        return {"num_tracklets": self.num_tracklets, "num_identities": self.num_identities,
-                "num_frames": self.num_frames, "num_shards": len(self.urls)}
-
 
 @dataclass(frozen=True, eq=False)
 class Manifest:
@@ -169,13 +165,3 @@ def read_manifest(url) -> Manifest:
 def as_manifest(source) -> Manifest:
     """``source`` if it is a Manifest, else the one read from that URL."""
     return source if isinstance(source, Manifest) else read_manifest(source)
-
-
-def split_counts(source, split: str) -> dict:
-    """``{"num_tracklets", "num_identities", "num_frames", "num_shards"}`` of a split.
-
-    Args:
-        source: a Manifest or the dataset's URL.
-        split: "train", "query" or "gallery".
-    """
-    return as_manifest(source).split(split).counts()

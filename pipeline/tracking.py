@@ -12,11 +12,9 @@ import logging
 import math
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -325,11 +323,6 @@ class Tracker:
         for i in range(0, len(items), _BATCH_PARAMS):
             self._send("set tags", self._client.log_batch, self.run_id, tags=items[i:i + _BATCH_PARAMS])
 
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        """Add or overwrite tags (redacted like params)."""
-        if self._active():
-            self._set_tags(safe_tags(tags))
-
     def log_params(self, cfg) -> None:
         """Log ``cfg.flat()`` redacted. On a resumed run, params already stored are not re-sent, and a
         changed value (MLflow forbids overwriting params) is kept as tag ``param_changed.<key>``."""
@@ -402,22 +395,6 @@ class Tracker:
         if self._active():
             self.log_text(yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False), "config.yaml")
 
-    def log_figure(self, fig_or_path: Any, artifact_file: str) -> None:
-        """A matplotlib Figure or an image file on disk, stored as ``artifact_file``."""
-        if not self._active():
-            return
-        if isinstance(fig_or_path, (str, os.PathLike)):
-            src = Path(fig_or_path)
-            if not src.is_file():
-                raise FileNotFoundError(src)
-            folder, name = os.path.split(artifact_file)
-            with tempfile.TemporaryDirectory() as tmp:
-                dst = Path(tmp) / name  # the artifact takes the requested file name
-                shutil.copyfile(src, dst)
-                self._send("log figure", self._client.log_artifact, self.run_id, str(dst), folder or None)
-        else:
-            self._send("log figure", self._client.log_figure, self.run_id, fig_or_path, artifact_file)
-
     def log_model(self, model, cfg, name: str = "model", registered_model: Optional[str] = None,
                   input_example: Any = None, metrics: Optional[Mapping[str, Any]] = None):
         """Log ``model`` into this run, loadable without this checkout; see :func:`pipeline.mlflow_model.log_model`."""
@@ -427,22 +404,3 @@ class Tracker:
 
         return log_model(self, model, cfg, name=name, registered_model=registered_model,
                          input_example=input_example, metrics=metrics)
-
-
-def start_run(cfg, **kwargs) -> Tracker:
-    """``Tracker()`` + ``start(cfg, **kwargs)`` in one call."""
-    tracker = Tracker()
-    tracker.start(cfg, **kwargs)
-    return tracker
-
-
-def load_run_metrics(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """Every metric of a run as ``name -> [(step, value), ...]`` sorted by step then time."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    out = {}
-    for key in client.get_run(run_id).data.metrics:
-        hist = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
-        out[key] = [(int(m.step), float(m.value)) for m in hist]
-    return out

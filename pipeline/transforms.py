@@ -20,18 +20,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # --------------------------------------------------------------------------- frame sampling
-def restricted_sample(n_frames: int, clip_len: int, rng: np.random.Generator) -> np.ndarray:
+def restricted_indices(n_frames: int, clip_len: int, rng: np.random.Generator) -> list[int]:
     """Restricted random sampling (STA / RRS): ``clip_len`` frame indices in temporal order.
 
     The tracklet is split into ``clip_len`` equal chunks and one random frame is drawn from each.
     A tracklet shorter than ``clip_len`` keeps every frame once and repeats randomly chosen ones,
-    still in order (e.g. 3 frames, N=5 -> [0, 0, 1, 2, 2])."""
-    return np.asarray(restricted_indices(n_frames, clip_len, rng), dtype=np.int64)
-
-
-def restricted_indices(n_frames: int, clip_len: int, rng: np.random.Generator) -> list[int]:
-    """``restricted_sample`` as a list (the same draws from ``rng``, the same indices): the
-    training stream's per-clip call, where numpy on 4-element arrays cost 3x the plain loop."""
+    still in order (e.g. 3 frames, N=5 -> [0, 0, 1, 2, 2]). A plain list: the training stream calls
+    this once per clip, where numpy on such short arrays costs more than the loop."""
     if n_frames < 1 or clip_len < 1:
         raise ValueError(f"need n_frames >= 1 and clip_len >= 1, got {n_frames}, {clip_len}")
     if n_frames < clip_len:
@@ -134,12 +129,6 @@ def decode_into(data, out: np.ndarray, flip: bool = False) -> np.ndarray:
         t = torch.from_numpy(out)
         t.copy_(t.flip(1))  # ~10x faster than numpy's strided copy of 3-byte pixels
     return out
-
-
-def decode_frame(data, height: int, width: int, flip: bool = False) -> np.ndarray:
-    """Decode an encoded image to a new RGB uint8 ``(height, width, 3)`` array (see
-    ``decode_into``, which the loaders use to decode straight into their batch buffers)."""
-    return decode_into(data, np.empty((height, width, 3), np.uint8), flip)
 
 
 # --------------------------------------------------------------------------- augmentation

@@ -196,22 +196,15 @@ def _attention_figure(items: list[tuple[np.ndarray, np.ndarray, np.ndarray, Opti
     return fig
 
 
-def plot_attention(frames: Any, spatial_maps: Any, scores: Any, path: str | os.PathLike, *,
-                   title: Optional[str] = None, dpi: int = DPI) -> Path:
-    """The paper's attention figure for one clip.
-
-    ``frames`` uint8 ``(N, H, W, 3)``; ``spatial_maps`` ``(N, h, w)`` (upsampled onto the frames as a
-    heatmap, stripe boundaries dashed); ``scores`` ``(N, K)`` drawn as an annotated stripes × frames
-    matrix, the max-importance frame of each stripe in bold. Height ``ATTENTION_ROW_HEIGHT`` inches
-    (+0.4 with a title); width grows with N.
-    """
-    f, g, s = _check_attention(frames, spatial_maps, scores)
-    return _save(_attention_figure([(f, g, s, None)], title), path, dpi)
-
-
 def plot_attention_grid(items: Sequence[tuple[Any, Any, Any, Optional[str]]], path: str | os.PathLike, *,
                         title: Optional[str] = None, dpi: int = DPI) -> Path:
-    """Several query clips, one row each: ``items`` = ``[(frames, maps, scores, caption), ...]``."""
+    """The paper's attention figure, one row per query clip: ``items`` = ``[(frames, maps, scores, caption), ...]``.
+
+    ``frames`` uint8 ``(N, H, W, 3)``; ``maps`` ``(N, h, w)`` (upsampled onto the frames as a heatmap,
+    stripe boundaries dashed); ``scores`` ``(N, K)`` drawn as an annotated stripes × frames matrix, the
+    max-importance frame of each stripe in bold. Height ``ATTENTION_ROW_HEIGHT`` inches a row (+0.4
+    with a title); width grows with the longest clip's N.
+    """
     if not items:
         raise ValueError("plot_attention_grid: no clips given")
     checked = []
@@ -239,8 +232,7 @@ def plot_curves(history: Mapping[str, Sequence[tuple[float, float]]], path: str 
                 title: Optional[str] = None, dpi: int = DPI) -> Path:
     """Loss/metric curves, one panel per group (:func:`metric_group`), at most 3 panels a row.
 
-    ``history`` is ``name -> [(step, value), ...]`` as returned by
-    ``pipeline.tracking.load_run_metrics``. Size: ``CURVE_PANEL`` per panel.
+    ``history`` is ``name -> [(step, value), ...]`` (a run's metric histories). Size: ``CURVE_PANEL`` per panel.
     """
     groups: dict[str, list[tuple[str, np.ndarray]]] = {}
     for name, points in history.items():

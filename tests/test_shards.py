@@ -10,8 +10,7 @@ import tarfile
 import pytest
 
 from pipeline import pack, shards, storage
-from pipeline.shards import (Manifest, frame_layout, make_sample, member_bytes, read_manifest,
-                             split_counts)
+from pipeline.shards import Manifest, frame_layout, make_sample, member_bytes, read_manifest
 from pipeline.train_data import train_loader
 from shard_writer import H, W, _write_dataset, eval_set  # noqa: F401
 
@@ -87,14 +86,14 @@ def test_manifest_read_once_passed_down(tmp_path, eval_set, monkeypatch):
 
 def test_split_counts(tmp_path, eval_set):
     _write_dataset(str(tmp_path), eval_set)
-    c = split_counts(str(tmp_path), "gallery")
-    assert c == {"num_tracklets": 10, "num_identities": 5,
-                 "num_frames": sum(len(t["frames"]) for t in eval_set["gallery"]), "num_shards": 4}
-    assert split_counts(read_manifest(str(tmp_path)), "gallery") == c
+    man = read_manifest(str(tmp_path))
+    g = man.split("gallery")
+    assert (g.num_tracklets, g.num_identities, len(g.urls)) == (10, 5, 4)
+    assert g.num_frames == sum(len(t["frames"]) for t in eval_set["gallery"])
     with pytest.raises(ValueError, match="no 'train' split"):
-        split_counts(str(tmp_path), "train")
+        man.split("train")
     with pytest.raises(ValueError, match="unknown split"):
-        split_counts(str(tmp_path), "val")
+        man.split("val")
 
 
 @pytest.fixture(scope="module")

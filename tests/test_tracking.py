@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from pipeline import tracking
 from pipeline.config import Config, load_config
-from pipeline.tracking import Tracker, load_run_metrics, safe_params
+from pipeline.tracking import Tracker, safe_params
 from pipeline.train import free_port
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
@@ -38,6 +38,14 @@ def make_cfg(uri, **tracking_kw):
     for k, v in tracking_kw.items():
         setattr(cfg.tracking, k, v)
     return cfg
+
+
+def load_run_metrics(uri, run_id):
+    """Every metric of a run as ``name -> [(step, value), ...]``, sorted by step then time."""
+    client = MlflowClient(uri)
+    return {key: [(int(m.step), float(m.value)) for m in
+                  sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]
+            for key in client.get_run(run_id).data.metrics}
 
 
 def all_stored_text(client, run_id):
@@ -265,11 +273,7 @@ def test_log_config_round_trip(store, tmp_path):
     assert back.to_dict() == expected
 
 
-def test_artifacts_and_figures(store, tmp_path):
-    from matplotlib.figure import Figure
-
-    from pipeline import viz
-
+def test_artifacts(store, tmp_path):
     t = Tracker()
     run_id = t.start(make_cfg(store))
     (tmp_path / "d").mkdir()
@@ -278,23 +282,15 @@ def test_artifacts_and_figures(store, tmp_path):
     t.log_artifact(tmp_path / "d", "dir")
     t.log_artifact(tmp_path / "b.json")
     t.log_text("hello", "notes/readme.txt")
-    fig = Figure()
-    fig.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
-    t.log_figure(fig, "plots/line.png")
-    png = viz.plot_cmc(np.linspace(0.5, 1.0, 20), tmp_path / "some_name.png")
-    t.log_figure(png, "eval/cmc.png")
     with pytest.raises(FileNotFoundError):
         t.log_artifact(tmp_path / "missing.txt")
     t.end()
 
     client = MlflowClient(store)
     names = {a.path for a in client.list_artifacts(run_id)}
-    assert {"dir", "b.json", "notes", "plots", "eval"} <= names
-    assert [a.path for a in client.list_artifacts(run_id, "eval")] == ["eval/cmc.png"]
+    assert {"dir", "b.json", "notes"} <= names
     assert Path(client.download_artifacts(run_id, "dir/a.txt", str(tmp_path / "dl"))).read_text() == "A"
     assert Path(client.download_artifacts(run_id, "notes/readme.txt", str(tmp_path / "dl"))).read_text() == "hello"
-    got = client.download_artifacts(run_id, "plots/line.png", str(tmp_path / "dl"))
-    assert Path(got).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 class TinyNet(torch.nn.Module):
@@ -364,9 +360,7 @@ def test_disabled_tracking_writes_nothing(tmp_path, monkeypatch):
         assert t.log_metrics({"loss": 1.0}, step=0) == {}
         t.log_text("x", "x.txt")
         t.log_config(cfg)
-        t.log_figure(tmp_path / "does-not-matter.png", "f.png")
         assert t.log_model(TinyNet(), cfg) is None
-        t.set_tags({"a": "b"})
     t.end()
     assert list(tmp_path.iterdir()) == []
 
@@ -392,8 +386,8 @@ def test_config_given_to_constructor(store):
 def test_context_manager_marks_failure(store):
     cfg = make_cfg(store)
     with pytest.raises(ZeroDivisionError):
-        with tracking.start_run(cfg) as t:
-            run_id = t.run_id
+        with Tracker(cfg) as t:
+            run_id = t.start()
             1 / 0
     assert MlflowClient(store).get_run(run_id).info.status == "FAILED"
 

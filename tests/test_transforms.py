@@ -8,10 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, _pil_decode, decode_frame, decode_into,
-                                 erase_box, eval_clip_indices, frame_buffer, mean_fill, restricted_indices,
-                                 restricted_sample,
-                                 normalize_clips)
+from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, _pil_decode, decode_into, erase_box,
+                                 eval_clip_indices, frame_buffer, mean_fill, normalize_clips, restricted_indices)
 
 
 def _jpeg(arr: np.ndarray, quality: int = 95) -> bytes:
@@ -20,8 +18,17 @@ def _jpeg(arr: np.ndarray, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
+def decode_frame(data, height: int, width: int, flip: bool = False) -> np.ndarray:
+    """``decode_into`` a new ``(height, width, 3)`` array."""
+    return decode_into(data, np.empty((height, width, 3), np.uint8), flip)
+
+
+def restricted_sample(n_frames: int, clip_len: int, rng: np.random.Generator) -> np.ndarray:
+    return np.asarray(restricted_indices(n_frames, clip_len, rng), dtype=np.int64)
+
+
 @pytest.mark.parametrize("n_frames,clip_len", [(4, 4), (10, 4), (17, 5), (100, 4), (9, 1)])
-def test_restricted_sample_one_frame_per_chunk_in_order(n_frames, clip_len):
+def test_restricted_indices_one_frame_per_chunk_in_order(n_frames, clip_len):
     rng = np.random.default_rng(0)
     edges = (np.arange(clip_len + 1) * n_frames) // clip_len
     seen = set()
@@ -33,7 +40,7 @@ def test_restricted_sample_one_frame_per_chunk_in_order(n_frames, clip_len):
     assert seen == set(range(n_frames))  # every frame can be drawn
 
 
-def test_restricted_sample_short_tracklet_keeps_all_frames_in_order():
+def test_restricted_indices_short_tracklet_keeps_all_frames_in_order():
     rng = np.random.default_rng(1)
     for _ in range(50):
         idx = restricted_sample(3, 8, rng)
@@ -67,7 +74,7 @@ def test_eval_clip_indices_pads_with_last_frame():
     assert eval_clip_indices(5, 1).tolist() == [[0], [1], [2], [3], [4]]
 
 
-def test_decode_frame_same_size_is_exact_decode():
+def test_decode_into_new_array_same_size_is_exact_decode():
     arr = np.random.default_rng(2).integers(0, 256, (32, 16, 3), dtype=np.uint8)
     data = _jpeg(arr)
     ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
@@ -76,7 +83,7 @@ def test_decode_frame_same_size_is_exact_decode():
     np.testing.assert_array_equal(out, ref)
 
 
-def test_decode_frame_draft_downscale_close_to_full_resize():
+def test_decode_into_new_array_draft_downscale_close_to_full_resize():
     # smooth content, so the DCT-domain downscale and a full decode + resize agree closely
     y, x = np.mgrid[0:128, 0:64]
     arr = np.stack([y * 2, x * 4, (x + y) % 256], -1).astype(np.uint8)
@@ -91,7 +98,7 @@ def test_decode_frame_draft_downscale_close_to_full_resize():
     np.testing.assert_array_equal(flipped, out[:, ::-1])
 
 
-def test_decode_frame_grayscale_and_png():
+def test_decode_into_new_array_grayscale_and_png():
     g = np.full((20, 10), 77, np.uint8)
     buf = io.BytesIO()
     Image.fromarray(g).save(buf, "PNG")
@@ -148,7 +155,7 @@ def test_decode_into_cmyk_and_grayscale_jpeg_via_the_same_pixels_as_pil():
         np.testing.assert_array_equal(decode_frame(buf.getvalue(), 32, 16), ref)
 
 
-def test_decode_frame_rejects_garbage_and_truncation():
+def test_decode_into_new_array_rejects_garbage_and_truncation():
     data = _jpeg(np.zeros((32, 16, 3), np.uint8))
     with pytest.raises((OSError, ValueError, SyntaxError)):
         decode_frame(b"definitely not an image", 32, 16)

@@ -60,14 +60,18 @@ def test_plot_cmc_rejects_bad_extra(tmp_path):
 
 # --------------------------------------------------------------------------- attention
 
+def _plot_one(frames, maps, scores, path, **kw):
+    return viz.plot_attention_grid([(frames, maps, scores, None)], path, **kw)
+
+
 def test_plot_attention_png(tmp_path):
     frames, maps, scores = _clip()
-    out = viz.plot_attention(frames, maps, scores, tmp_path / "att.png", title="query 7")
+    out = _plot_one(frames, maps, scores, tmp_path / "att.png", title="query 7")
     img4 = _png(out)
     assert img4.shape[0] == round((viz.ATTENTION_ROW_HEIGHT + 0.4) * viz.DPI)
     # Width grows with the number of frames (frames are columns).
     frames2, maps2, scores2 = _clip(n=2)
-    img2 = _png(viz.plot_attention(frames2, maps2, scores2, tmp_path / "att2.png"))
+    img2 = _png(_plot_one(frames2, maps2, scores2, tmp_path / "att2.png"))
     assert img2.shape[0] == round(viz.ATTENTION_ROW_HEIGHT * viz.DPI)
     assert img4.shape[1] > img2.shape[1]
 
@@ -76,15 +80,15 @@ def test_plot_attention_heatmap_is_overlaid(tmp_path):
     # Black frames: anything coloured in the frame panels comes from the heatmap overlay.
     frames, maps, scores = _clip()
     frames[:] = 0
-    pixels = _png(viz.plot_attention(frames, maps, scores, tmp_path / "a.png"))
+    pixels = _png(_plot_one(frames, maps, scores, tmp_path / "a.png"))
     saturated = (np.abs(pixels[..., 0] - pixels[..., 2]) > 60).mean()
     assert saturated > 0.02
 
 
 def test_plot_attention_accepts_torch(tmp_path):
     frames, maps, scores = _clip()
-    out = viz.plot_attention(torch.from_numpy(frames), torch.from_numpy(maps).float(),
-                             torch.from_numpy(scores).float(), tmp_path / "t.png")
+    out = _plot_one(torch.from_numpy(frames), torch.from_numpy(maps).float(),
+                    torch.from_numpy(scores).float(), tmp_path / "t.png")
     _png(out)
 
 
@@ -101,7 +105,7 @@ def test_plot_attention_rejects_mismatched_shapes(tmp_path, which, bad):
     args = {"frames": frames, "maps": maps, "scores": scores}
     args[which] = bad
     with pytest.raises(ValueError):
-        viz.plot_attention(args["frames"], args["maps"], args["scores"], tmp_path / "x.png")
+        _plot_one(args["frames"], args["maps"], args["scores"], tmp_path / "x.png")
 
 
 def test_plot_attention_grid(tmp_path):
