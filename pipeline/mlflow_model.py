@@ -1,6 +1,10 @@
-"""The MLflow model of a run: ``mlflow.pytorch.log_model`` with what it takes to load it elsewhere
-(the ``sta_model`` code, a signature and input example, pinned requirements), registered on request
-with the run's eval metrics linked to it.
+"""The MLflow model of a run: ``mlflow.pytorch.save_model`` with what it takes to load it elsewhere
+(the ``sta_model`` code, a signature and input example, pinned requirements), uploaded as a LoggedModel
+of the run, registered on request with the run's eval metrics linked to it.
+
+Every store call goes through the tracker's own ``MlflowClient(tracker.uri)``: MLflow's process-global
+tracking URI is neither read nor changed, so trackers on different stores can log models from one
+process (Ray Tune trials, tests) at the same time.
 """
 from __future__ import annotations
 
@@ -8,38 +12,36 @@ import copy
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.tracking import _GLOBAL_URI_LOCK, _to_float, strip_credentials
+from pipeline.tracking import _to_float, strip_credentials
+import sta_model
 
 log = logging.getLogger(__name__)
 
 
-@contextmanager
-def _global_tracking_uri(uri: str) -> Iterator[None]:
-    """Temporarily point MLflow's process-global tracking URI at ``uri`` and restore it exactly."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
+def _register(client, name: str, model_id: str, artifact_location: str, run_id: str):
+    """A new version of registered model ``name`` (created if missing) from LoggedModel ``model_id``."""
+    from mlflow.exceptions import MlflowException
 
-    with _GLOBAL_URI_LOCK:
-        saved_uri = tracking_utils._tracking_uri
-        saved_env = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(uri)
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(saved_uri)  # None also unsets the env var...
-            if saved_env is not None:  # ...so put back a URI the user had exported
-                os.environ["MLFLOW_TRACKING_URI"] = saved_env
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    # The model's own artifact location as source, not ``models:/<id>``: MLflow's sqlite/file registry
+    # resolves that URI through the process-global tracking URI, not this client's.
+    return client.create_model_version(name, source=artifact_location, run_id=run_id, model_id=model_id)
 
 
 def log_model(tracker, model, cfg, *, name: str = "model", registered_model: Optional[str] = None,
               input_example: Any = None, metrics: Optional[Mapping[str, Any]] = None):
-    """``mlflow.pytorch.log_model`` of a CPU copy of ``model`` into this run, loadable without this
-    checkout: the ``sta_model`` package travels as ``code_paths``, the signature comes from
+    """Log a CPU copy of ``model`` into this run, loadable without this checkout: the ``sta_model`` package travels as ``code_paths``, the signature comes from
     ``input_example`` (default: one clip ``(1, N, 3, H, W)`` of the config), and the requirements
     are the pinned torch and numpy that loading needs.
 
@@ -58,9 +60,8 @@ def log_model(tracker, model, cfg, *, name: str = "model", registered_model: Opt
     import mlflow.pytorch
     import numpy as np
     import torch
-    from mlflow.models import infer_signature
-
-    import sta_model
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+    from mlflow.models import Model, infer_signature
 
     if any(t.device.type != "cpu" for t in list(model.parameters()) + list(model.buffers())):
         model = copy.deepcopy(model).cpu()  # never move the caller's (training) model
@@ -75,24 +76,38 @@ def log_model(tracker, model, cfg, *, name: str = "model", registered_model: Opt
             out = model(torch.as_tensor(input_example))
         signature = infer_signature(input_example, out.numpy() if torch.is_tensor(out) else None)
         reqs = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
-        # Create the LoggedModel ourselves so it lands in this run's experiment (MLflow would
-        # otherwise use the global active experiment).
-        logged = tracker._client.create_logged_model(tracker.experiment_id, name=name, source_run_id=tracker.run_id)
-        with _global_tracking_uri(tracker.uri):
-            info = mlflow.pytorch.log_model(
-                model, name=name, run_id=tracker.run_id, model_id=logged.model_id,
-                registered_model_name=registered, pip_requirements=reqs,
-                code_paths=[os.path.dirname(sta_model.__file__)], signature=signature,
-                input_example=input_example,
-                serialization_format="pickle",  # torch.export (pt2) needs tensor-only outputs in train mode
-            )
+        client = tracker._client
+        # The LoggedModel is created in this run's experiment, its files saved locally and uploaded
+        # through the tracker's client (what mlflow.pytorch.log_model does through the global URI).
+        logged = client.create_logged_model(tracker.experiment_id, name=name, source_run_id=tracker.run_id)
+        try:
+            mlflow_model = Model(artifact_path=logged.artifact_location, run_id=tracker.run_id,
+                                 model_uuid=logged.model_id, model_id=logged.model_id)
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp) / "model"
+                mlflow.pytorch.save_model(
+                    model, str(local), mlflow_model=mlflow_model, pip_requirements=reqs,
+                    code_paths=[os.path.dirname(sta_model.__file__)], signature=signature,
+                    input_example=input_example,
+                    serialization_format="pickle",  # torch.export (pt2) needs tensor-only outputs in train mode
+                )
+                for cache in list(local.rglob("__pycache__")):
+                    shutil.rmtree(cache, ignore_errors=True)
+                client.log_outputs(tracker.run_id, [LoggedModelOutput(logged.model_id, step=0)])
+                client.log_model_artifacts(logged.model_id, str(local))
+        except Exception:
+            client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            raise
+        logged = client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        info = mlflow_model.get_model_info(logged)
+        if registered:
+            info.registered_model_version = _register(client, registered, logged.model_id, logged.artifact_location,
+                                                    tracker.run_id).version
         if metrics:
-            from mlflow.entities import Metric
-
             now = int(time.time() * 1000)
             items = [Metric(k, _to_float(k, v), now, 0, model_id=logged.model_id)
                      for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)]
-            tracker._send("link model metrics", tracker._client.log_batch, tracker.run_id, metrics=items)
+            tracker._send("link model metrics", client.log_batch, tracker.run_id, metrics=items)
         return info
     except Exception as exc:  # noqa: BLE001 - a finished run keeps its checkpoints and exports
         log.warning("run %s: logging the MLflow model failed: %s", tracker.run_id,

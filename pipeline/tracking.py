@@ -15,7 +15,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,9 +31,6 @@ log = logging.getLogger(__name__)
 _BATCH_PARAMS = 100  # MAX_PARAMS_TAGS_PER_BATCH
 _BATCH_METRICS = 1000  # MAX_METRICS_PER_BATCH
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
-# mlflow.pytorch.log_model resolves the tracking/registry URI from process-global state; swapping it
-# is serialised so concurrent trials in one process cannot log a model into the wrong store.
-_GLOBAL_URI_LOCK = threading.Lock()
 
 
 # --------------------------------------------------------------------------- store / experiment

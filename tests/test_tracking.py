@@ -340,6 +340,57 @@ def test_log_model_and_load_back(store):
         torch.testing.assert_close(loaded_registered.eval()(x), expected)
 
 
+def test_log_model_into_two_stores_at_once_leaves_the_global_uri_alone(store, tmp_path):
+    """Two trackers on different stores log models from two threads of one process (Tune trials):
+    each model, its files and its registered version land in its own store only, and MLflow's
+    process-global tracking URI is never touched."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    global_before = mlflow.get_tracking_uri()
+    stores = [store, f"sqlite:///{tmp_path / 'other.db'}"]
+    cfgs = [make_cfg(s, registered_model=f"sta-two-{uuid.uuid4().hex[:6]}") for s in stores]
+    trackers = [Tracker() for _ in stores]
+    for t, cfg in zip(trackers, cfgs):
+        t.start(cfg)
+    infos, errors = [None, None], []
+    barrier = threading.Barrier(2)
+
+    def log(i):
+        barrier.wait()
+        try:
+            torch.manual_seed(i)
+            infos[i] = trackers[i].log_model(TinyNet().eval(), cfgs[i], input_example=np.ones((2, 6), np.float32))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=log, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for t in trackers:
+        t.end()
+    assert not errors and all(infos)
+    assert mlflow.get_tracking_uri() == global_before
+    for i, (s, cfg, t, info) in enumerate(zip(stores, cfgs, trackers, infos)):
+        client, other = MlflowClient(s), MlflowClient(stores[1 - i])
+        logged = client.get_logged_model(info.model_id)
+        assert logged.source_run_id == t.run_id and logged.status.to_int() == 2  # READY
+        assert logged.experiment_id == client.get_run(t.run_id).info.experiment_id
+        assert [o.model_id for o in client.get_run(t.run_id).outputs.model_outputs] == [info.model_id]
+        files = Path(logged.artifact_location[len("file://"):])
+        assert (files / "MLmodel").is_file() and (files / "code" / "sta_model" / "model.py").is_file()
+        assert list(files.glob("*input_example*")) and "torch==" in (files / "requirements.txt").read_text()
+        assert not list(files.rglob("__pycache__"))
+        assert str(info.registered_model_version) == "1"
+        versions = client.search_model_versions(f"name='{cfg.tracking.registered_model}'")
+        assert [(str(v.version), v.run_id, v.source) for v in versions] == [("1", t.run_id, logged.artifact_location)]
+        with pytest.raises(MlflowException):
+            other.get_logged_model(info.model_id)
+        assert other.search_model_versions(f"name='{cfg.tracking.registered_model}'") == []
+
+
 def test_log_model_respects_config_switch(store):
     cfg = make_cfg(store, log_model=False)
     t = Tracker()
