@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from pipeline.transforms import decode_into, frame_buffer, restricted_indices
 
 
 def eval_rank_loop(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, kind="stable"):
@@ -128,7 +129,6 @@ def wds_stock_loader(shard_urls, *, clip_len: int, p: int, k: int, height: int, 
 
     import webdataset as wds
 
-    from pipeline.transforms import decode_into, frame_buffer, restricted_indices
 
     class Passes(wds.PipelineStage):
         """Every shard once per pass, reshuffled per (seed, epoch, pass); passes repeat so a worker

@@ -27,13 +27,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from _process_group import free_port
+from pipeline.checkpoint import build_model_from_config
+from pipeline.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def model_params(config: str, overrides: list[str], num_classes: int) -> int:
-    from pipeline.checkpoint import build_model_from_config
-    from pipeline.config import load_config
 
     cfg = load_config(config, overrides)
     cfg.model.pretrained = None

@@ -5,7 +5,7 @@ with ``pipeline.pack``. Cases, all with the same clip sampling (restricted rando
 clip-consistent flip, resize to the target size and ImageNet normalisation, P x K batches:
 
 * ``stream_local`` -- ``pipeline.train_data.train_loader`` over local shards, ``persistent=True`` as
-  training uses it (``pipeline.worker.epoch_batches``): one loader whose worker process is forked
+  training uses it (``pipeline.prefetch.epoch_batches``): one loader whose worker process is forked
   once and serves each repeat's epoch (its first epoch, with the fork, is reported apart);
 * ``stream_local_u8`` -- the same with ``normalize=False``: uint8 clips, normalisation left to
   the GPU (``normalize_clips`` after ``.to(device)``), the intended training setup;
@@ -79,7 +79,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline import storage
+from pipeline import pack as packmod
+from pipeline import storage, synthetic
 from pipeline.datasets import load_dataset
 from pipeline.train import free_port
 from pipeline.train_data import train_loader
@@ -239,9 +240,6 @@ def main(argv=None) -> int:
 
     tmp = tempfile.TemporaryDirectory(prefix="sta-bench-data-")
     work = a.workdir or tmp.name
-    from pipeline import pack as packmod
-    from pipeline import synthetic
-
     t0 = time.perf_counter()
     gen = synthetic.generate(os.path.join(work, "synthetic"), num_ids=a.num_ids,
                              tracklets_per_id=a.tracklets_per_id, frames_per_tracklet=tuple(a.frames),

@@ -1,7 +1,7 @@
 """GPU training step (issue #7): clips/s, frames/s and MFU of the real training step, fed (a) from
 synthetic batches already on the device and (b) through the real data path; target b/a >= 0.95.
 
-Both modes run ``pipeline.worker.train_step`` on the engine training uses
+Both modes run ``pipeline.epoch.train_step`` on the engine training uses
 (``pipeline.engine.build_engine``: DeepSpeed, ZeRO-0, one rank; precision, channels_last and
 torch.compile from the flags), STA with a ResNet-50 trunk at 256x128, N=4, P=16 x K=4 = 64 clips
 (256 frames) per step, a 625-class head (MARS) by default.
@@ -14,7 +14,7 @@ torch.compile from the flags), STA with a ResNet-50 trunk at 256x128, N=4, P=16 
   by ``pipeline.transforms.model_input``: what a Ray worker runs per step (``--decode device``:
   the loader ships JPEGs and the training process decodes them on the device). The warm-up steps
   absorb the loader's start-up and initial pool read (training overlaps those with the previous
-  epoch, see ``pipeline.worker.epoch_batches``), so this is the steady state.
+  epoch, see ``pipeline.prefetch.epoch_batches``), so this is the steady state.
 
 Model FLOPs per step are counted once by ``torch.utils.flop_counter.FlopCounterMode`` over one
 eager training step (forward + backward of every conv/matmul; the optimizer is not counted);
@@ -40,6 +40,11 @@ import time
 import torch
 
 from _process_group import one_rank_group
+from pipeline import pack, synthetic
+from pipeline.checkpoint import build_model_from_config
+from pipeline.config import load_config
+from pipeline.engine import autocast_dtype, build_engine, compile_engine
+from pipeline.train_data import train_loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,8 +53,6 @@ TARGET = 0.95  # issue #7: the real data path within 5% of synthetic batches
 
 def prepare_shards(data_dir: str, a) -> str:
     """Synthetic JPEG data set at the training size, packed once; returns the shard URL."""
-    from pipeline import pack, synthetic
-
     root = os.path.join(data_dir, f"synthetic-{a.height}x{a.width}-{a.ids}ids")
     shards = root + "-shards"
     if not os.path.exists(os.path.join(shards, "manifest.json")):
@@ -68,7 +71,7 @@ def count_flops(engine, batch: dict, cfg, dtype, device) -> int:
     """FLOPs of one eager training step (forward + backward; also a warm-up step)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.worker import train_step
+    from pipeline.epoch import train_step  # deepspeed picks its accelerator on import: after one_rank_group
 
     with FlopCounterMode(display=False) as counter:
         train_step(engine, batch, cfg, dtype, device)
@@ -78,7 +81,7 @@ def count_flops(engine, batch: dict, cfg, dtype, device) -> int:
 
 def timed_steps(engine, batches, cfg, dtype, device, warmup: int, steps: int) -> dict:
     """``warmup`` untimed steps, then ``steps`` timed ones from the iterator ``batches``."""
-    from pipeline.worker import train_step
+    from pipeline.epoch import train_step  # deepspeed picks its accelerator on import: after one_rank_group
 
     for _ in range(warmup):
         train_step(engine, next(batches), cfg, dtype, device)
@@ -138,11 +141,7 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    from pipeline.checkpoint import build_model_from_config
-    from pipeline.config import load_config
-    from pipeline.engine import autocast_dtype, build_engine, compile_engine
-    from pipeline.train_data import train_loader
-    from pipeline.worker import train_step
+    from pipeline.epoch import train_step  # deepspeed picks its accelerator on import: after one_rank_group
 
     shards = prepare_shards(a.data, a)
     cfg = load_config(None, [
@@ -181,7 +180,7 @@ def main(argv=None) -> int:
             yield from items
 
     runs: dict[str, list] = {"synthetic": [], "real": []}
-    # as training uses it (pipeline.worker.epoch_batches): one persistent loader, an epoch a repeat
+    # as training uses it (pipeline.prefetch.epoch_batches): one persistent loader, an epoch a repeat
     loader = train_loader(shards, clip_len=N, p=a.p, k=a.k, height=H, width=W, batches_per_epoch=per_epoch,
                           epoch=0, seed=0, num_workers=a.num_workers, pin_memory=device.type == "cuda",
                           prefetch_factor=a.prefetch_factor, normalize=False, decode=a.decode,

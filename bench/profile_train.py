@@ -4,7 +4,7 @@ Data: a synthetic data set (``pipeline.synthetic``) packed into shards, read by
 ``pipeline.train_data.train_loader`` with ``--num-workers`` loader processes, exactly as
 ``pipeline.worker`` reads it. Model/engine: ``configs/synthetic.yaml`` (tiny trunk) through
 ``build_model_from_config`` + ``build_engine`` (1-rank gloo group). The step is
-``pipeline.worker.train_step`` split into its phases, each timed with ``perf_counter`` (CPU ops are
+``pipeline.epoch.train_step`` split into its phases, each timed with ``perf_counter`` (CPU ops are
 synchronous): data wait (``next(loader)``), forward, loss, backward (``engine.backward``), optimizer
 step (``engine.step``: ZeRO bookkeeping, gradient reduction -- none with one rank -- and Adam), plus
 one ``checkpoint.save`` timed separately. The loader worker's own time is split by running the same
@@ -33,16 +33,22 @@ import time
 import torch
 
 from _process_group import one_rank_group
+from pipeline import checkpoint as ckpt_lib
+from pipeline import pack as packmod
+from pipeline import synthetic
+from pipeline.checkpoint import build_model_from_config
+from pipeline.config import load_config
+from pipeline.engine import autocast_dtype, build_engine
+from pipeline.shards import read_manifest
+from pipeline.train_data import train_loader
+from sta_model.losses import combined_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _memory_child(trunk: str, overrides: list[str]) -> None:
     """One train step in this fresh process; print peak RSS (MB) before and after."""
-    from pipeline.checkpoint import build_model_from_config
-    from pipeline.config import load_config
-    from pipeline.engine import autocast_dtype, build_engine
-    from pipeline.worker import train_step
+    from pipeline.epoch import train_step  # deepspeed picks its accelerator on import: after one_rank_group
 
     cfg = load_config(os.path.join(ROOT, "configs", "synthetic.yaml"), overrides + [f"model.trunk={trunk}"])
     cfg.model.pretrained = None
@@ -76,8 +82,6 @@ def _memory(overrides_tiny: list[str]) -> list[dict]:
 
 def _loader_profile(url: str, common: dict) -> dict:
     """The loader worker's time by kind, from cProfile of the in-process stream."""
-    from pipeline.train_data import train_loader
-
     prof = cProfile.Profile(time.process_time)  # CPU time: robust to other load on the machine
     prof.enable()
     for _ in train_loader(url, epoch=1, num_workers=0, normalize=False, **common):
@@ -110,14 +114,6 @@ def main(argv=None) -> int:
         _memory_child(a._memory[0], a._memory[1:])
         return 0
 
-    from pipeline import checkpoint as ckpt_lib
-    from pipeline import pack as packmod
-    from pipeline import synthetic
-    from pipeline.config import load_config
-    from pipeline.engine import autocast_dtype, build_engine
-    from pipeline.shards import read_manifest
-    from pipeline.train_data import train_loader
-    from sta_model.losses import combined_loss
 
     cfg = load_config(os.path.join(ROOT, "configs", "synthetic.yaml"), [])
     d = cfg.data

@@ -1,4 +1,4 @@
-"""Training-loop overhead: ``pipeline.worker.run_epoch`` on a real DeepSpeed engine vs. a plain
+"""Training-loop overhead: ``pipeline.epoch.run_epoch`` on a real DeepSpeed engine vs. a plain
 PyTorch loop on the same model, batches, loss and optimizer.
 
 Both sides: one process, CPU, fp32, the model of ``--config`` (default configs/tiny.yaml: tiny
@@ -8,7 +8,7 @@ trunk) built by ``pipeline.checkpoint.build_model_from_config``, ``--steps`` in-
 config's lr / weight decay and the same no-decay-on-BN/bias parameter groups.
 
 * ``deepspeed``: ``pipeline.engine.build_engine`` (ZeRO stage and clipping from the config, a
-  1-rank gloo group) + ``pipeline.worker.run_epoch`` -- exactly what a Ray worker runs per epoch,
+  1-rank gloo group) + ``pipeline.epoch.run_epoch`` -- exactly what a Ray worker runs per epoch,
   minus the data stream.
 * ``plain``: ``zero_grad / forward / combined_loss / backward / (clip_grad_norm_) / step /
   scheduler.step`` with no host sync per step.
@@ -33,6 +33,10 @@ import time
 import torch
 
 from _process_group import one_rank_group
+from pipeline.checkpoint import build_model_from_config
+from pipeline.config import load_config
+from pipeline.engine import autocast_dtype, build_engine, build_optimizer, lr_factor, param_groups
+from sta_model.losses import combined_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,11 +70,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
-    from pipeline.checkpoint import build_model_from_config
-    from pipeline.config import load_config
-    from pipeline.engine import autocast_dtype, build_engine, build_optimizer, lr_factor, param_groups
-    from pipeline.worker import run_epoch
-    from sta_model.losses import combined_loss
+    from pipeline.epoch import run_epoch  # deepspeed picks its accelerator on import: after one_rank_group
 
     cfg = load_config(a.config, a.set)
     cfg.scaling.use_gpu = False

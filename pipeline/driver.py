@@ -164,7 +164,7 @@ def _http_probe(uri: str, timeout: float) -> None:
 
 
 def _redacted(uri: str) -> str:
-    from pipeline.tracking import strip_credentials
+    from pipeline.tracking import strip_credentials  # imports mlflow (~2.4 s); pipeline.train imports this module
 
     return strip_credentials(uri)
 
@@ -186,7 +186,7 @@ def preflight_tracking(cfg: Config, timeout: float = PREFLIGHT_TIMEOUT_S) -> Opt
     Raises:
         ConfigError: one line naming ``tracking.uri`` when the store cannot be reached or opened.
     """
-    from pipeline import tracking
+    from pipeline import tracking  # imports mlflow (~2.4 s); pipeline.train imports this module at start
 
     if not cfg.tracking.enabled:
         return None
@@ -215,7 +215,7 @@ def open_run(cfg: Config, *, run_name: str, run_dir: str, experiment_id: str,
     """
     from mlflow import MlflowClient
 
-    from pipeline import tracking
+    from pipeline import tracking  # imports mlflow (~2.4 s); pipeline.train imports this module at start
 
     client = MlflowClient(cfg.tracking.uri)
     tags = {**provenance(), **tracking.run_tags(cfg, extra_tags), "sta.run_dir": run_dir}
@@ -247,7 +247,7 @@ def set_run_tags(cfg: Config, run_id: str, tags: dict[str, Any]) -> None:
     """Add tags to a run from the driver; a tracking outage only warns."""
     from mlflow import MlflowClient
 
-    from pipeline import tracking
+    from pipeline import tracking  # imports mlflow (~2.4 s); pipeline.train imports this module at start
 
     try:
         client = MlflowClient(cfg.tracking.uri)

@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from pipeline import storage
+from pipeline import checkpoint, evaluation, storage
 from pipeline.config import ConfigError, apply_overrides, parse_override
 
 # What the two kinds of directory hold (for messages about a directory that is neither).
@@ -35,8 +38,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    from pipeline import checkpoint, evaluation
-
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model, cfg, meta = load_or_exit(args.checkpoint)
@@ -70,8 +71,6 @@ def load_or_exit(url: str):
     Args:
         url (str): the ``--checkpoint`` argument.
     """
-    from pipeline import checkpoint
-
     try:
         why = not_a_checkpoint(url)
         if why is None:
@@ -92,8 +91,6 @@ def not_a_checkpoint(url: str) -> Optional[str]:
     Args:
         url (str): a local path, ``file://`` or ``s3://`` URL.
     """
-    import os
-
     url = url.rstrip("/") or url
     storage.check(url)
     if not storage.is_s3(url):
@@ -124,10 +121,7 @@ def one_line(exc: BaseException) -> str:
 
 
 def _log(cfg, args, metrics: dict, scalars: dict) -> None:
-    import tempfile
-    from pathlib import Path
-
-    from pipeline import tracking, viz
+    from pipeline import tracking, viz  # mlflow (~2.4 s) and matplotlib (~0.6 s): only with --mlflow
 
     cfg.tracking.run_name = cfg.tracking.run_name or "evaluate"
     tracker = tracking.Tracker(cfg)

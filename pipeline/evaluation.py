@@ -19,6 +19,7 @@ from pipeline.shards import read_manifest
 from pipeline.transforms import model_input
 from sta_model.distance import euclidean_squared
 from sta_model.metrics import evaluate_rank
+from sta_model.rerank import re_ranking
 
 RANKS = (1, 5, 10, 20)
 
@@ -97,8 +98,6 @@ def score(q: SplitFeatures, g: SplitFeatures, *, rerank: bool = False, max_rank:
     out = {"mAP": float(mAP), "cmc": cmc, "skipped_queries": skipped_queries(q, g)}
     out.update({f"rank{r}": float(cmc[r - 1]) for r in RANKS if r <= len(cmc)})
     if rerank:
-        from sta_model.rerank import re_ranking
-
         rr = re_ranking(q.feats, g.feats, k1=k1, k2=k2, lambda_value=lambda_value)
         rcmc, rmAP = evaluate_rank(rr, q.pids, g.pids, q.camids, g.camids, max_rank=max_rank)
         out.update({"rr_mAP": float(rmAP), "rr_cmc": rcmc})

@@ -396,7 +396,7 @@ class Tracker:
         """Log ``model`` into this run, loadable without this checkout; see :func:`pipeline.mlflow_model.log_model`."""
         if not self._active() or not cfg.tracking.log_model:
             return None
-        from pipeline.mlflow_model import log_model
+        from pipeline.mlflow_model import log_model  # imports sta_model/torch; and mlflow_model imports this module
 
         return log_model(self, model, cfg, name=name, registered_model=registered_model,
                          input_example=input_example, metrics=metrics)

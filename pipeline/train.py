@@ -15,9 +15,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline import resume
-from pipeline.checkpoint import check_pretrained
+from pipeline import driver, resume, storage
+from pipeline.checkpoint import check_pretrained, ray_storage, storage_url
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.pack import pack
+from pipeline.shards import read_manifest
+from pipeline.synthetic import _params, _read_marker, generate
+from sta_model.threads import usable_cpus
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic.yaml"
 log = logging.getLogger("pipeline.train")
@@ -46,9 +50,6 @@ def config_or_exit(args: argparse.Namespace) -> Config:
 
 def prepare_data(cfg: Config) -> dict[str, Any]:
     """Make sure ``data.shards`` holds a dataset; for the synthetic default, generate and pack it."""
-    from pipeline import storage
-    from pipeline.shards import read_manifest
-
     check_stores(cfg)
     try:  # a manifest that is not one, or a store failing now: one line, exit 2
         found = storage.exists(storage.join(cfg.data.shards, "manifest.json"))
@@ -63,8 +64,6 @@ def prepare_data(cfg: Config) -> dict[str, Any]:
     if cfg.data.dataset != "synthetic" or not cfg.data.prepare:
         raise ConfigError(f"data.shards: no dataset at {cfg.data.shards} (no manifest.json); pack it first: "
                           f"python -m pipeline.pack --dataset {cfg.data.dataset} --root <raw> --out {cfg.data.shards}")
-    from pipeline.pack import pack
-    from pipeline.synthetic import generate
 
     s = cfg.data.synthetic
     t = time.perf_counter()
@@ -80,8 +79,6 @@ def check_stores(cfg: Config, resume: Optional[str] = None) -> None:
     """``data.shards``, ``checkpoint.storage_path`` and ``--resume`` are stores this process can use
     (scheme, bucket, endpoint, credentials; :func:`pipeline.storage.check`), else a ``ConfigError``
     naming the key: asked once, in seconds, before anything lists or reads them."""
-    from pipeline import storage
-
     for key, url in (("data.shards", cfg.data.shards), ("checkpoint.storage_path", cfg.checkpoint.storage_path),
                      ("--resume", resume)):
         try:
@@ -97,8 +94,6 @@ def synthetic_mismatch(cfg: Config, manifest: dict) -> Optional[str]:
     ``"num_ids 8 -> 10"``; None when they agree or nothing says what they were."""
     if cfg.data.dataset != "synthetic" or not cfg.data.prepare:
         return None
-    from pipeline.synthetic import _params, _read_marker
-
     s = cfg.data.synthetic
     want = _params(num_ids=s.num_ids, num_test_ids=s.num_test_ids, tracklets_per_id=s.tracklets_per_id,
                    frames_per_tracklet=(s.min_frames, s.max_frames), height=s.height, width=s.width,
@@ -128,8 +123,6 @@ def init_ray(cfg: Config, address: Optional[str] = None, *, min_cpus: int = 0) -
         return
     # Logical CPUs for every training worker (DataLoader processes are not Ray tasks) and its driver.
     need = max(int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 1, min_cpus)
-    from sta_model.threads import usable_cpus
-
     asked, have = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, usable_cpus(omp=False)
     if asked > have:  # Ray is given the CPUs anyway (logical CPUs); the workers then time-share them
         print(f"warning: scaling.num_workers={cfg.scaling.num_workers} x scaling.cpus_per_worker="
@@ -186,9 +179,8 @@ def build_trainer(cfg: Config, *, run_name: str, storage_path: str, resume: Opti
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline import tracking
-    from pipeline.checkpoint import ray_storage
-    from pipeline.worker import train_loop_per_worker
+    from pipeline import tracking  # mlflow: ~2.4 s, kept off the --help / config-check path
+    from pipeline.worker import train_loop_per_worker  # deepspeed + ray.train: ~1.4 s, likewise
 
     absolute_paths(cfg)
     sc = cfg.scaling
@@ -234,10 +226,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_name = cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        from pipeline.driver import check_job_paths, preflight_tracking
-
-        check_job_paths(cfg)
-        preflight_tracking(cfg)  # the MLflow store answers (5 s) and is created/migrated once, here
+        driver.check_job_paths(cfg)
+        driver.preflight_tracking(cfg)  # the MLflow store answers (5 s) and is created/migrated once, here
         check_stores(cfg, args.resume)
         # Where the run writes and what it restores (pipeline.resume): decided and checked before Ray.
         plan = resume.plan_run(args.resume, cfg, run_name=run_name)
@@ -272,9 +262,7 @@ def fit_tracked(cfg: Config, args: argparse.Namespace, *, run_name: str, storage
         resume: checkpoint URI to start from (a new run), or None.
         manifest: the dataset manifest (counts for the summary).
     """
-    from pipeline import driver
-
-    from pipeline.worker import batches_per_epoch
+    from pipeline.epoch import batches_per_epoch  # deepspeed + ray.train: ~1.4 s, off the --help path
 
     absolute_paths(cfg)
     # At least one per-step point per epoch (the workers cap it too); here, so the params logged
@@ -306,8 +294,6 @@ def fit_tracked(cfg: Config, args: argparse.Namespace, *, run_name: str, storage
         summary = summarize(cfg, result, manifest, time.perf_counter() - t)
         summary["mlflow_run_id"] = summary.get("mlflow_run_id") or run_id
         if run_id:
-            from pipeline import storage
-
             exports = {f"sta.export.{k}": f"{run_dir}/{k}" for k in ("best", "final")
                        if storage.exists(f"{run_dir}/{k}/model.pt")}
             driver.set_run_tags(cfg, run_id, exports)
@@ -323,8 +309,7 @@ def fit_tracked(cfg: Config, args: argparse.Namespace, *, run_name: str, storage
 
 
 def summarize(cfg: Config, result, manifest: dict, seconds: float) -> dict[str, Any]:
-    from pipeline import tracking
-    from pipeline.checkpoint import storage_url
+    from pipeline import tracking  # mlflow: ~2.4 s, kept off the --help / config-check path
 
     m = result.metrics or {}
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
@@ -366,7 +351,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def ui_hint(uri: str) -> str:
     """How to look at the run: the server's URL, or the command that serves a local store."""
-    from pipeline.tracking import strip_credentials
+    from pipeline.tracking import strip_credentials  # imports mlflow (~2.4 s): lazy like the rest of tracking
 
     if uri.startswith(("http://", "https://")):
         return strip_credentials(uri)

@@ -28,8 +28,11 @@ from typing import Any, Optional
 
 import yaml
 
+from pipeline import storage
+from pipeline.checkpoint import check_pretrained, ray_storage
 from pipeline.config import Config, ConfigError, apply_overrides, load_config
-from pipeline.train import absolute_paths, set_env, shutdown_ray
+from pipeline.train import absolute_paths, build_trainer, prepare_data, set_env, shutdown_ray
+from pipeline.train import init_ray as init_train_ray
 from pipeline.search_space import (VARIANT_KEY, TuneSpec, is_finite_number, load_tune_config, num_trials,
                                    to_ray_space, trial_overrides)
 
@@ -81,8 +84,6 @@ def derive_max_concurrent(cluster: dict[str, float], need: dict[str, float]) -> 
 
 def init_ray(spec: TuneSpec, address: Optional[str]) -> None:
     """Local Ray gets enough logical CPUs for ``max_concurrent`` trials (their drivers mostly wait)."""
-    from pipeline.train import init_ray as init_train_ray
-
     per_trial = trial_resources(spec)["CPU"]
     init_train_ray(spec.base, address, min_cpus=math.ceil(per_trial * max(1, spec.tune.max_concurrent)))
 
@@ -95,8 +96,6 @@ def make_trainable(spec: TuneSpec, *, parent_run_id: Optional[str], trials_stora
     def sta_trial(params: dict[str, Any]) -> None:
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
-
-        from pipeline.train import build_trainer
 
         trial_id = tune.get_context().get_trial_id()
         cfg = trial_config(spec, params)
@@ -133,7 +132,7 @@ def start_parent_run(spec: TuneSpec, uri: str, exp_path: str, *, reuse: bool) ->
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    from pipeline import tracking
+    from pipeline import tracking  # imports mlflow (~2.4 s): kept off the --help / config-check path
 
     client = MlflowClient(uri)
     exp_id = tracking.ensure_experiment(uri, tracking.experiment_name(spec.base))
@@ -227,7 +226,7 @@ def finish(spec: TuneSpec, results, *, uri: str, parent_run_id: str, out_dir: Pa
     """Trials table, sweep plot and best config; all logged to the parent run, which is then closed."""
     from mlflow import MlflowClient
 
-    from pipeline import viz
+    from pipeline import viz  # matplotlib: ~0.6 s, only for the sweep plot at the end
 
     client = MlflowClient(uri)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -273,17 +272,12 @@ def finish(spec: TuneSpec, results, *, uri: str, parent_run_id: str, out_dir: Pa
 def experiment_location(spec: TuneSpec) -> tuple[str, Any, str]:
     """``(path for Ray, pyarrow fs or None, URL)`` of ``storage_path/name``: Ray gets the path + fs
     (an S3 endpoint from ``AWS_ENDPOINT_URL`` needs its own fs), people and trials get the URL."""
-    from pipeline import storage
-    from pipeline.checkpoint import ray_storage
-
     path, fs = ray_storage(spec.tune.storage_path)
     root = spec.tune.storage_path if storage.is_s3(spec.tune.storage_path) else path
     return f"{path}/{spec.tune.name}", fs, storage.join(root, spec.tune.name)
 
 
 def output_dir(spec: TuneSpec) -> Path:
-    from pipeline import storage
-
     if spec.tune.out:
         return Path(spec.tune.out).resolve()
     if storage.is_s3(spec.tune.storage_path):
@@ -298,9 +292,7 @@ def run_search(spec: TuneSpec, *, resume: Optional[bool] = None, address: Option
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from pipeline import tracking
-    from pipeline.checkpoint import check_pretrained
-    from pipeline.train import prepare_data
+    from pipeline import tracking  # imports mlflow (~2.4 s): kept off the --help / config-check path
 
     s = spec.tune
     # One absolute store for the driver and every trial's rank 0 (workers run in other directories).
