@@ -58,8 +58,8 @@ class WorkerStream(IterableDataset):
 class BatchRing:
     """Batch buffers a worker reuses once the consumer has let go of them.
 
-    A fresh 12.6 MB batch costs ~3,000 page faults (4-5 ms on the development VM, ~35 us per
-    frame) where refilling a used one costs ~0.8 ms. ``flags`` is a small int32 tensor shared by
+    A fresh batch costs thousands of page faults where refilling a used one costs none (figures in
+    docs/performance.md, "Measurements behind the data path's code"). ``flags`` is a small int32 tensor shared by
     the worker and the consuming process: the worker sets a buffer's flag when it hands the buffer
     out; the consumer clears it when its own storage of that batch dies (a finalizer on the
     storage, which fires only once no tensor, view or numpy array refers to it: see

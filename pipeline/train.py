@@ -18,6 +18,7 @@ from typing import Any, Optional
 from pipeline import driver, resume, storage
 from pipeline.checkpoint import check_pretrained, ray_storage, storage_url
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.epoch import batches_per_epoch
 from pipeline.pack import pack
 from pipeline.shards import read_manifest
 from pipeline.synthetic import _params, _read_marker, generate
@@ -262,8 +263,6 @@ def fit_tracked(cfg: Config, args: argparse.Namespace, *, run_name: str, storage
         resume: checkpoint URI to start from (a new run), or None.
         manifest: the dataset manifest (counts for the summary).
     """
-    from pipeline.epoch import batches_per_epoch  # deepspeed + ray.train: ~1.4 s, off the --help path
-
     absolute_paths(cfg)
     # At least one per-step point per epoch (the workers cap it too); here, so the params logged
     # below already hold the value in force.

@@ -95,7 +95,7 @@ class LoaderSpec:
         Args:
             cfg: the run's Config.
             rank, world_size: this rank and the number of ranks.
-            batches_per_epoch: this rank's batches per epoch (``pipeline.worker.batches_per_epoch``).
+            batches_per_epoch: this rank's batches per epoch (``pipeline.epoch.batches_per_epoch``).
             pin_memory: pin batches (a CUDA device).
         """
         d = cfg.data
@@ -208,7 +208,7 @@ def train_loader(source, spec: LoaderSpec | None = None, *, epoch: int = 0, devi
     ``persistent``: one loader for many epochs: worker processes forked once, keeping their
     batch buffers; its i-th ``iter()`` hands out epoch ``epoch + i`` (equal to
     ``train_loader(epoch=epoch + i)``; the previous epoch's batches must all have been taken);
-    ``close()`` stops the workers. ``pipeline.worker.epoch_batches`` uses it.
+    ``close()`` stops the workers. ``pipeline.prefetch.epoch_batches`` uses it.
 
     Args:
         source: the dataset URL or its Manifest (read once by the caller).

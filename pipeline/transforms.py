@@ -80,10 +80,9 @@ def frame_buffer(shape, shared: bool = False) -> torch.Tensor:
 
     libjpeg-turbo's x86 SIMD colour conversion writes an output row with non-temporal stores
     (``movntdq``, bypassing the cache) when the row is 16-byte (SSE2) or 32-byte (AVX2) aligned,
-    which every large allocation is; rows that start 8 bytes off get ordinary cached stores.
-    Measured here: a tight decode loop runs at 7,750 frames/s into an aligned buffer and 9,000
-    off by 8 (6,800 at 32 mod 64); the training stream uses 10-14% less CPU. Rows stay off as long
-    as a row (W*3 bytes) is a multiple of 16, as it is for the usual widths."""
+    which every large allocation is; rows that start 8 bytes off get ordinary cached stores, which
+    decode faster (docs/performance.md, "Measurements behind the data path's code"). Rows stay off
+    as long as a row (W*3 bytes) is a multiple of 16, as it is for the usual widths."""
     n = math.prod(shape)
     raw = torch.empty(n + 64, dtype=torch.uint8)
     if shared:
@@ -97,7 +96,7 @@ def decode_into(data, out: np.ndarray, flip: bool = False) -> np.ndarray:
 
     JPEGs go through libjpeg-turbo (simplejpeg), which decodes straight into ``out`` when the
     stored size is the target (MARS frames are stored at 256x128): no intermediate image, no
-    copies, about 2x PIL's rate on re-ID frames. Other sizes are decoded with DCT-domain
+    copies (faster than PIL: docs/performance.md). Other sizes are decoded with DCT-domain
     downscaling when the target is at most half the stored size on both axes, then resized
     bilinearly (PIL). Pixels equal ``_pil_decode``'s (PIL with ``draft``: the same libjpeg-turbo
     decode, the same scale, the same resize). PNG etc.,
@@ -127,7 +126,7 @@ def decode_into(data, out: np.ndarray, flip: bool = False) -> np.ndarray:
         out[...] = _pil_decode(data, height, width)
     if flip:
         t = torch.from_numpy(out)
-        t.copy_(t.flip(1))  # ~10x faster than numpy's strided copy of 3-byte pixels
+        t.copy_(t.flip(1))  # torch, not numpy's strided copy of 3-byte pixels: faster (docs/performance.md)
     return out
 
 
@@ -157,9 +156,9 @@ def normalize_clips(frames, mean, std, out: torch.Tensor | None = None) -> torch
     """uint8 ``(..., H, W, 3)`` (numpy or torch, any device) -> float32 ``(..., 3, H, W)`` with
     ``(x/255 - mean) / std``; ``out`` receives the result when given.
 
-    Measured fastest on CPU among the obvious variants: one strided uint8->float copy into the
-    channel-first layout, then an in-place multiply-add (~4x faster than a broadcast multiply of
-    the permuted uint8 view)."""
+    The fastest on CPU among the obvious variants (docs/performance.md): one strided uint8->float
+    copy into the channel-first layout, then an in-place multiply-add, not a broadcast multiply of
+    the permuted uint8 view."""
     src = torch.as_tensor(frames)
     if src.dtype != torch.uint8 or src.shape[-1] != 3:
         raise ValueError(f"need uint8 (..., H, W, 3), got {src.dtype} {tuple(src.shape)}")

@@ -63,7 +63,6 @@ UNVERIFIED = (
     "tests/test_train.py::test_train_end_to_end_s3_checkpoints_mlflow",
     "tests/test_train.py::test_fault_injection_restores_from_checkpoint",
     "tests/test_train.py::test_multi_node_cluster_s3",
-    "tests/test_train.py::test_ray_job_submit",
     "tests/test_train.py::test_evaluate_cli_on_export",
     "tests/test_train.py::test_resume_stopped_run_and_from_checkpoint",
     "tests/test_train.py::test_resume_refuses_a_crafted_pickle_and_runs_nothing",

@@ -21,7 +21,7 @@ def failing_loop(fail_at_epoch: int, delay_s: float = 5.0) -> Callable[[dict[str
 
     Args:
         fail_at_epoch: the epoch (1-based) whose checkpoint report is followed by the failure.
-        delay_s: wait before dying, so Ray's asynchronous upload of that checkpoint can finish.
+        delay_s: wait before dying, so rank 0 can send that epoch's metrics to MLflow first.
     """
     def loop(loop_config: dict[str, Any]) -> None:
         import logging
@@ -56,9 +56,9 @@ def nan_loss_loop(at_step: int) -> Callable[[dict[str, Any]], None]:
     """``train_loop_per_worker`` whose loss term ``ce`` turns NaN at global step ``at_step`` (after the
     real step), on every rank: what a diverging run looks like to the loop."""
     def loop(loop_config: dict[str, Any]) -> None:
-        from pipeline import worker
+        from pipeline import epoch, worker
 
-        real = worker.train_step
+        real = epoch.train_step
 
         def step(engine, batch, cfg, dtype, device):
             losses = real(engine, batch, cfg, dtype, device)
@@ -66,11 +66,11 @@ def nan_loss_loop(at_step: int) -> Callable[[dict[str, Any]], None]:
                 losses = {**losses, "ce": losses["ce"] * float("nan")}
             return losses
 
-        worker.train_step = step
+        epoch.train_step = step
         try:
             worker.train_loop_per_worker(loop_config)
         finally:
-            worker.train_step = real
+            epoch.train_step = real
 
     return loop
 
@@ -78,18 +78,18 @@ def nan_loss_loop(at_step: int) -> Callable[[dict[str, Any]], None]:
 def eval_failure_loop(message: str = "injected: gallery shard unreadable") -> Callable[[dict[str, Any]], None]:
     """``train_loop_per_worker`` whose every evaluation raises ``RuntimeError(message)`` on every rank."""
     def loop(loop_config: dict[str, Any]) -> None:
-        from pipeline import worker
+        from pipeline import evaluation, worker
 
-        real = worker.evaluation.evaluate
+        real = evaluation.evaluate
 
         def evaluate(*args, **kwargs):
             raise RuntimeError(message)
 
-        worker.evaluation.evaluate = evaluate
+        evaluation.evaluate = evaluate
         try:
             worker.train_loop_per_worker(loop_config)
         finally:
-            worker.evaluation.evaluate = real
+            evaluation.evaluate = real
 
     return loop
 

@@ -122,7 +122,7 @@ def test_search_asha_mlflow_best_config_and_restore(tmp_path, ray_cleanup):
         assert float(child.data.params["loss.w_tri"]) == pytest.approx(row["loss.w_tri"])
         assert child.data.params["eval.every_epochs"] == "1"
         assert child.data.tags["tune.trial_id"].endswith(row["trial_id"])
-        history = client.get_metric_history(child.info.run_id, "mAP")
+        history = client.get_metric_history(child.info.run_id, "eval/mAP")
         steps = sorted(m.step for m in history)
         # A stopped trial may log an epoch or so more than Tune saw before the stop reached it.
         assert steps == list(range(1, len(steps) + 1)) and len(steps) >= row["epochs"]
@@ -229,5 +229,5 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
     # The finished trial's run is untouched: same end time and one mAP point per epoch.
     again = client.get_run(finished_run.info.run_id)
     assert again.info.end_time == finished_run.info.end_time
-    assert len(client.get_metric_history(finished_run.info.run_id, "mAP")) == 4
+    assert len(client.get_metric_history(finished_run.info.run_id, "eval/mAP")) == 4
 

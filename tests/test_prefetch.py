@@ -1,4 +1,4 @@
-"""Cross-epoch prefetch of the training stream (pipeline.worker.epoch_batches) on real shards
+"""Cross-epoch prefetch of the training stream (pipeline.prefetch.epoch_batches) on real shards
 packed by pipeline.pack from pipeline.synthetic, with real DataLoader worker processes."""
 import contextlib
 import weakref
@@ -6,7 +6,7 @@ import weakref
 import pytest
 import torch
 
-from pipeline.worker import epoch_batches, start_batches, stop_batches
+from pipeline.prefetch import epoch_batches, start_batches, stop_batches
 
 P, K, N, H, W, STEPS = 2, 2, 2, 16, 8, 3
 
@@ -190,59 +190,3 @@ def test_exception_mid_epoch_stops_a_persistent_loader(shards):
             next(batches)
             raise RuntimeError("step failed")
     assert len(started) == 1 and not _alive(started[0])
-
-
-class _Engine:
-    """The part of a DeepSpeed engine run_epoch touches; train_step is replaced below."""
-
-    def __init__(self):
-        self.global_steps = 10
-
-    def train(self):
-        return self
-
-    def get_lr(self):
-        return [0.5]
-
-
-def _fake_step(terms):
-    def step(engine, batch, cfg, dtype, device):
-        engine.global_steps += 1
-        return {k: torch.tensor(float(v(engine.global_steps) if callable(v) else v)) for k, v in terms.items()}
-    return step
-
-
-def test_run_epoch_logs_every_loss_term_by_name(monkeypatch):
-    from pipeline import worker
-    from pipeline.config import load_config
-
-    cfg = load_config("configs/tiny.yaml", ["tracking.log_every_steps=2"])
-    monkeypatch.setattr(worker, "train_step", _fake_step({"total": 3.0, "triplet": 1.0, "center": 2.0}))
-    logged = []
-    batches = [{"clips": torch.zeros(4, 2, 3, 8, 4), "skipped": 1} for _ in range(4)]
-    out = worker.run_epoch(_Engine(), batches, cfg, dtype=torch.float32, device=torch.device("cpu"),
-                           on_log=lambda step, values: logged.append((step, values)))
-    assert out["loss_total"] == 3.0 and out["loss_center"] == 2.0 and out["loss_triplet"] == 1.0
-    assert "reg_share" not in out and out["skipped_samples"] == 4 and out["batches"] == 4
-    assert [s for s, _ in logged] == [12, 14]
-    assert set(logged[0][1]) == {"step/loss_total", "step/loss_triplet", "step/loss_center", "step/lr"}
-
-
-def test_run_epoch_stops_at_a_non_finite_loss_naming_step_and_terms(monkeypatch):
-    from pipeline import worker
-    from pipeline.config import load_config
-
-    cfg = load_config("configs/tiny.yaml", ["tracking.log_every_steps=3"])
-    nan_at_12 = lambda step: float("nan") if step == 12 else 1.0  # noqa: E731
-    monkeypatch.setattr(worker, "train_step", _fake_step({"total": nan_at_12, "ce": nan_at_12, "reg": 0.25}))
-    seen = []
-
-    def batches():
-        for i in range(6):
-            seen.append(i)
-            yield {"clips": torch.zeros(4, 2, 3, 8, 4)}
-
-    with pytest.raises(worker.NonFiniteLossError, match=r"global step 12 \(total=nan, ce=nan, reg=0.25\)"):
-        worker.run_epoch(_Engine(), batches(), cfg, dtype=torch.float32, device=torch.device("cpu"),
-                         on_log=lambda step, values: None)
-    assert seen == [0, 1, 2]  # stopped at the first sync after the bad step, not at the epoch's end
