@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline import console
 from pipeline.config import Config
 from pipeline.eval_data import eval_loader
 from pipeline.shards import read_manifest
@@ -40,8 +41,13 @@ def _distributed() -> bool:
 @torch.no_grad()
 def extract(forward: Callable[[torch.Tensor], torch.Tensor], cfg: Config, split: str, *, embed_dim: int,
             rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu"),
-            dtype: torch.dtype = torch.float32, url: Optional[str] = None) -> SplitFeatures:
-    """Embed every tracklet of ``split``; all ranks return the full, identical result."""
+            dtype: torch.dtype = torch.float32, url: Optional[str] = None,
+            progress_every_s: float = 30.0) -> SplitFeatures:
+    """Embed every tracklet of ``split``; all ranks return the full, identical result.
+
+    Rank 0 prints a progress line (its tracklets done, rate, ETA) at most every ``progress_every_s``
+    seconds, so a long test set (MARS: 11k tracklets) is not a silent wait; short ones print nothing.
+    """
     url = url or cfg.data.shards
     manifest = read_manifest(url)  # once: the loader gets it too
     n = manifest.split(split).num_tracklets
@@ -55,10 +61,18 @@ def extract(forward: Callable[[torch.Tensor], torch.Tensor], cfg: Config, split:
                          clips_per_batch=cfg.eval.clips_per_batch, normalize=False,
                          pin_memory=device.type == "cuda", cache_dir=cfg.data.cache_dir,
                          cache_gb=cfg.data.cache_gb)
+    # This rank's share of the tracklets (the loader deals them out evenly); counted on the host.
+    progress = console.Progress(f"evaluation: embedding {split} tracklets (rank 0)", -(-n // max(1, world_size)),
+                                every_s=progress_every_s) if rank == 0 else None
+    seen = np.zeros(n, dtype=bool)
     for batch in loader:
         skipped += int(batch["skipped"])
         if batch["clips"].shape[0] == 0:
             continue
+        if progress is not None:
+            new_idx = np.unique(batch["index"].numpy())
+            progress.update(int((~seen[new_idx]).sum()))
+            seen[new_idx] = True
         idx = batch["index"].to(device)
         emb = forward(model_input(batch["clips"], device, dtype)).float()
         sums.index_add_(0, idx, emb)

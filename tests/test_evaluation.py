@@ -79,3 +79,16 @@ def test_score_counts_queries_without_a_cross_camera_match():
     out = score(q, g)
     assert out["skipped_queries"] == 2
     assert out["rank1"] == 1.0  # scored over query 1 alone
+
+
+def test_extract_prints_progress_on_rank_0(tiny, capsys):
+    got = extract(_forward, tiny, "gallery", embed_dim=3, progress_every_s=0)
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("evaluation: embedding gallery")]
+    n = len(got.feats)
+    assert lines and lines[-1].startswith(f"evaluation: embedding gallery tracklets (rank 0): {n}/{n} (")
+    done = [int(l.split(": ")[2].split("/")[0]) for l in lines]
+    assert done == sorted(done)  # counts tracklets, not clips: never past the total
+    extract(_forward, tiny, "gallery", embed_dim=3, rank=1, world_size=2, progress_every_s=0)
+    assert "evaluation: embedding" not in capsys.readouterr().out  # other ranks stay quiet
+    extract(_forward, tiny, "gallery", embed_dim=3)  # the default: a short set prints nothing
+    assert "evaluation: embedding" not in capsys.readouterr().out
