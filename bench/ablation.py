@@ -284,7 +284,7 @@ def reading(groups: dict, facts: dict) -> list[str]:
     if "sta" in v and "sta_max_only" in v and "sta_avg_only" in v:
         dm, da = paired(v["sta"], v["sta_max_only"]), paired(v["sta"], v["sta_avg_only"])
         out.append(f"- **Fusion: the weighted-sum branch carries STA.** Max-importance only is {dm['mean']:.1f} mAP below both "
-                   f"(worse on every seed: {'yes' if dm['min'] > 0 else 'no'}); weighted-sum only is {da['mean']:.1f} below "
+                   f"({'worse on every seed' if dm['min'] > 0 else 'not on every seed'}); weighted-sum only is {da['mean']:.1f} below "
                    f"(per seed {da['min']:+.1f} to {da['max']:+.1f}). With a flat score matrix the max branch picks one "
                    "frame's stripe, noise included; adding it to the weighted sum helps a little at most.")
     curves = [g["curves"]["tail_change"] for g in v.values() if "curves" in g]
