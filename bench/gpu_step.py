@@ -2,7 +2,7 @@
 synthetic batches already on the device and (b) through the real data path; target b/a >= 0.95.
 
 Both modes run ``pipeline.epoch.train_step`` on the engine training uses
-(``pipeline.engine.build_engine``: DeepSpeed, ZeRO-0, one rank; precision, channels_last and
+(``pipeline.deepspeed_engine.build_engine``: DeepSpeed, ZeRO-0, one rank; precision, channels_last and
 torch.compile from the flags), STA with a ResNet-50 trunk at 256x128, N=4, P=16 x K=4 = 64 clips
 (256 frames) per step, a 625-class head (MARS) by default.
 
@@ -43,7 +43,7 @@ from _process_group import one_rank_group
 from pipeline import pack, synthetic
 from pipeline.checkpoint import build_model_from_config
 from pipeline.config import load_config
-from pipeline.engine import autocast_dtype, build_engine, compile_engine
+from pipeline.deepspeed_engine import autocast_dtype, build_engine, compile_engine
 from pipeline.train_data import train_loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

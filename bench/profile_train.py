@@ -38,7 +38,7 @@ from pipeline import pack as packmod
 from pipeline import synthetic
 from pipeline.checkpoint import build_model_from_config
 from pipeline.config import load_config
-from pipeline.engine import autocast_dtype, build_engine
+from pipeline.deepspeed_engine import autocast_dtype, build_engine
 from pipeline.shards import read_manifest
 from pipeline.train_data import train_loader
 from sta_model.losses import combined_loss

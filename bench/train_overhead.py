@@ -7,7 +7,7 @@ trunk) built by ``pipeline.checkpoint.build_model_from_config``, ``--steps`` in-
 ``sta_model.losses.combined_loss`` with the config's weights, and ``torch.optim.Adam`` with the
 config's lr / weight decay and the same no-decay-on-BN/bias parameter groups.
 
-* ``deepspeed``: ``pipeline.engine.build_engine`` (ZeRO stage and clipping from the config, a
+* ``deepspeed``: ``pipeline.deepspeed_engine.build_engine`` (ZeRO stage and clipping from the config, a
   1-rank gloo group) + ``pipeline.epoch.run_epoch`` -- exactly what a Ray worker runs per epoch,
   minus the data stream.
 * ``plain``: ``zero_grad / forward / combined_loss / backward / (clip_grad_norm_) / step /
@@ -35,7 +35,7 @@ import torch
 from _process_group import one_rank_group
 from pipeline.checkpoint import build_model_from_config
 from pipeline.config import load_config
-from pipeline.engine import autocast_dtype, build_engine, build_optimizer, lr_factor, param_groups
+from pipeline.deepspeed_engine import autocast_dtype, build_engine, build_optimizer, lr_factor, param_groups
 from sta_model.losses import combined_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

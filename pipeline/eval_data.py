@@ -4,7 +4,7 @@ cut into consecutive N-frame clips, each tracklet read by exactly one (rank, wor
 Stages per slot: the slot's ``(shard, part, parts)`` units (``reading.eval_assignment``) -> tar to
 samples (``reading.shard_samples``) -> decode every frame -> clips -> batches of up to
 ``clips_per_batch``. A tracklet with a frame that does not decode is counted in ``skipped`` and
-dropped (evaluation cannot substitute another tracklet's clips; ``pipeline.evaluation.extract``
+dropped (evaluation cannot substitute another tracklet's clips; ``pipeline.distributed_eval.extract``
 reports tracklets left without clips).
 """
 from __future__ import annotations
@@ -35,11 +35,11 @@ def _eval_worker(worker: int, num_workers: int, ring: BatchRing, *, manifest: Ma
     def new_batch():
         return (*ring.get(shape), *(np.empty(clips_per_batch, dtype=np.int64) for _ in range(3)))
 
-    clips, u8, slot_id, index, pids, camids = new_batch()
+    clips, u8, buffer_id, index, pids, camids = new_batch()
 
     def emit(n):
         return {"clips": clips[:n], "index": index[:n], "pids": pids[:n], "camids": camids[:n],
-                "skipped": 0, "_slot": slot_id}
+                "skipped": 0, "_buffer": buffer_id}
 
     scratch = frame_buffer((0, height, width, 3)).numpy()  # a tracklet's decoded frames, reused
     for shard, part, parts in units:
@@ -60,7 +60,7 @@ def _eval_worker(worker: int, num_workers: int, ring: BatchRing, *, manifest: Ma
                         ready["skipped"] = skips.take()
                         yield ready
                     ready, fill = emit(fill), 0
-                    clips, u8, slot_id, index, pids, camids = new_batch()
+                    clips, u8, buffer_id, index, pids, camids = new_batch()
                 for n, fi in enumerate(clip):
                     u8[fill, n] = decoded[fi]
                 index[fill], pids[fill], camids[fill] = meta["index"], meta["pid"], meta["camid"]
@@ -85,7 +85,7 @@ def eval_loader(source, split: str, *, clip_len: int, height: int, width: int, r
     Each tracklet is seen once: all its frames in order, resized to H x W, cut into consecutive
     N-frame clips, the last padded by repeating the last frame; its clips are consecutive within
     one worker's output. Batches of different workers interleave: use ``index`` (split order) and
-    ``pipeline.evaluation.extract`` rather than arrival order.
+    ``pipeline.distributed_eval.extract`` rather than arrival order.
 
     Args:
         source: the dataset URL or its Manifest.

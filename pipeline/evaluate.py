@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from pipeline import checkpoint, evaluation, storage
+from pipeline import checkpoint, distributed_eval, storage
 from pipeline.config import ConfigError, apply_overrides, parse_override
 
 # What the two kinds of directory hold (for messages about a directory that is neither).
@@ -50,8 +50,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         raise SystemExit(2) from None
     device = torch.device(args.device)
     model = model.to(device).eval()
-    metrics = evaluation.evaluate(model, cfg, embed_dim=cfg.model.embed_dim, device=device, rerank=args.rerank)
-    print(evaluation.format_table(metrics))
+    metrics = distributed_eval.evaluate(model, cfg, embed_dim=cfg.model.embed_dim, device=device, rerank=args.rerank)
+    print(distributed_eval.format_table(metrics))
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     if args.json:
         with open(args.json, "w") as f:

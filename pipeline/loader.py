@@ -34,7 +34,7 @@ class WorkerStream(IterableDataset):
     def __init__(self, fn, length: int | None = None, epoch: int | None = None):
         self.fn, self.length, self.epoch = fn, length, epoch
         self.flags, self.ring_size = None, 0
-        self.by_slot = False  # ship batches in ring buffers the consumer holds as (slot, shape)
+        self.by_buffer = False  # ship batches in ring buffers the consumer holds as (slot, shape)
         self.ring: BatchRing | None = None
 
     def __iter__(self):
@@ -47,7 +47,7 @@ class WorkerStream(IterableDataset):
         else:
             self.epoch += 1
             batches = self.fn(worker, workers, self.ring, epoch=self.epoch - 1)
-        return _ship_by_slot(batches, self.ring) if self.by_slot and info is not None else iter(batches)
+        return _ship_by_buffer(batches, self.ring) if self.by_buffer and info is not None else iter(batches)
 
     def __len__(self):
         if self.length is None:
@@ -71,7 +71,7 @@ class BatchRing:
         self.flags = flags.numpy() if flags is not None else None  # None: no reuse
         self.base, self.size, self.shared = base, size, shared
         self.bufs: list[torch.Tensor] = []
-        self.sent: set[int] = set()  # slots whose buffer the consumer has received (_ship_by_slot)
+        self.sent: set[int] = set()  # slots whose buffer the consumer has received (_ship_by_buffer)
 
     def get(self, shape) -> tuple[torch.Tensor, np.ndarray, int]:
         """``(tensor, numpy view, slot)``; slot -1: a buffer outside the ring."""
@@ -93,14 +93,14 @@ def _release(flags: np.ndarray, slot: int) -> None:
     flags[slot] = 0
 
 
-def _ship_by_slot(batches, ring: BatchRing):
+def _ship_by_buffer(batches, ring: BatchRing):
     """Worker side of shipping by slot: a batch in a ring buffer carries ``_shape`` and ``_offset``
     (its clips are the buffer's leading rows, at that offset in its storage); once the consumer has been sent a buffer, later batches in it
     travel without the tensor. Sending a shared-memory tensor again would cost a file-descriptor
     hand-over (a socket connection with an authentication round trip) and a fresh mapping in the
     consumer for every batch; ``Normalized.convert`` keeps each buffer mapped instead."""
     for b in batches:
-        slot = b.get("_slot", -1)
+        slot = b.get("_buffer", -1)
         if slot >= 0:
             clips = b["clips"]
             buf = ring.bufs[slot - ring.base]
@@ -166,8 +166,8 @@ class Normalized:
         self.slots.clear()  # batches handed out keep their buffers mapped (their arrays refer to them)
 
     def convert(self, b: dict) -> dict:
-        slot, shape, off = b.pop("_slot", -1), b.pop("_shape", None), b.pop("_offset", 0)
-        if shape is not None:  # shipped by slot (_ship_by_slot): a fresh array over the buffer
+        slot, shape, off = b.pop("_buffer", -1), b.pop("_shape", None), b.pop("_offset", 0)
+        if shape is not None:  # shipped by slot (_ship_by_buffer): a fresh array over the buffer
             if "clips" in b:  # the buffer's first batch brings the buffer
                 storage = b.pop("clips").untyped_storage()
                 self.slots[slot] = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
@@ -252,7 +252,7 @@ def make_loader(ds: WorkerStream, num_workers: int, pin_memory: bool, prefetch_f
         ds.ring_size = prefetch_factor + 3
         ds.flags = torch.zeros(num_workers * ds.ring_size, dtype=torch.int32).share_memory_()
         # the pin-memory thread copies each batch: the consumer never sees the shared buffer
-        ds.by_slot = not (pin and not normalize)
+        ds.by_buffer = not (pin and not normalize)
     loader = DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
                         pin_memory=pin and not normalize,
                         prefetch_factor=prefetch_factor if num_workers > 0 else None,

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import checkpoint as ckpt_lib
-from pipeline import driver, evaluation, run_artifacts, storage, tracking
+from pipeline import distributed_eval, driver, run_artifacts, storage, tracking
 from pipeline import resume as resume_lib
 from pipeline.config import Config
 from pipeline.epoch import NonFiniteLossError
@@ -209,7 +209,7 @@ def evaluate_and_export_best(engine, run: RunState, metrics: dict[str, Any]) -> 
     agrees) is exported to ``<run>/best``."""
     cfg = run.cfg
     engine.eval()
-    res = evaluation.evaluate(lambda x: engine(x), cfg, embed_dim=cfg.model.embed_dim, rank=run.rank,
+    res = distributed_eval.evaluate(lambda x: engine(x), cfg, embed_dim=cfg.model.embed_dim, rank=run.rank,
                               world_size=run.world, device=run.device, dtype=run.dtype)
     if res is not None:
         run.last_eval = res

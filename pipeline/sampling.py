@@ -107,10 +107,10 @@ def identity_batches(read: Callable[[Hashable], Iterable[tuple[int, Any]]], own:
 
 
 def train_shard_assignment(shards: list, *, seed: int, epoch: int, rank: int, world_size: int,
-                           worker: int, num_workers: int, round: int = 0) -> list:
-    """The shards slot (rank, worker) reads in resampling round ``round`` of an epoch.
+                           worker: int, num_workers: int, resample_round: int = 0) -> list:
+    """The shards slot (rank, worker) reads in resampling round ``resample_round`` of an epoch.
 
-    All slots shuffle the shard list with the same (seed, epoch, round) permutation; slot
+    All slots shuffle the shard list with the same (seed, epoch, resample_round) permutation; slot
     ``rank * num_workers + worker`` takes every (world_size*num_workers)-th shard of it, so within
     a round the slots' sets are disjoint and together cover every shard: split by node, then by
     worker, as webdataset's ``split_by_node``/``split_by_worker`` do after a seeded shuffle. Round
@@ -122,7 +122,7 @@ def train_shard_assignment(shards: list, *, seed: int, epoch: int, rank: int, wo
         raise ValueError(f"bad slot rank={rank}/{world_size} worker={worker}/{num_workers}")
     if not shards:
         return []
-    order = np.random.default_rng([TAG_SHARDS, seed, epoch, round]).permutation(len(shards)).tolist()
+    order = np.random.default_rng([TAG_SHARDS, seed, epoch, resample_round]).permutation(len(shards)).tolist()
     slot = rank * num_workers + worker
     mine = order[slot::slots] or [order[slot % len(shards)]]
     return [shards[i] for i in mine]
@@ -130,7 +130,7 @@ def train_shard_assignment(shards: list, *, seed: int, epoch: int, rank: int, wo
 
 def slot_shards(shards: list, **slot) -> tuple[list, Iterator]:
     """``(own, more)`` for ``identity_batches``: round 0 of ``train_shard_assignment`` and the
-    endless resampling rounds after it. ``slot``: its keyword arguments but ``round``."""
-    own = train_shard_assignment(shards, round=0, **slot)
-    more = (s for rnd in range(1, 1 << 30) for s in train_shard_assignment(shards, round=rnd, **slot))
+    endless resampling rounds after it. ``slot``: its keyword arguments but ``resample_round``."""
+    own = train_shard_assignment(shards, resample_round=0, **slot)
+    more = (s for rnd in range(1, 1 << 30) for s in train_shard_assignment(shards, resample_round=rnd, **slot))
     return own, more

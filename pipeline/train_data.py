@@ -121,7 +121,7 @@ def _fill(batch: list, ring: BatchRing, spec: LoaderSpec, rng: np.random.Generat
     jpegs: list = [b""] * (n * clip_len)
     bad: list[int] = []
     if not encoded:
-        clips, u8, slot_id = ring.get((n, clip_len, spec.height, spec.width, 3))
+        clips, u8, buffer_id = ring.get((n, clip_len, spec.height, spec.width, 3))
     for j, (_, (meta, frames)) in enumerate(batch):
         idx = restricted_indices(len(frames), clip_len, rng)
         flips[j] = flip = spec.hflip and rng.random() < 0.5
@@ -150,7 +150,7 @@ def _fill(batch: list, ring: BatchRing, spec: LoaderSpec, rng: np.random.Generat
         return {"jpegs": np.frombuffer(b"".join(jpegs), dtype=np.uint8), "offsets": offsets, "flips": flips,
                 "erase": erase, "pids": pids, "camids": camids, "skipped": skips.take()}
     replace_bad_clips(u8, bad, pids, fill)
-    return {"clips": clips, "pids": pids, "camids": camids, "skipped": skips.take(), "_slot": slot_id}
+    return {"clips": clips, "pids": pids, "camids": camids, "skipped": skips.take(), "_buffer": buffer_id}
 
 
 def _train_worker(worker: int, num_workers: int, ring: BatchRing, *, spec: LoaderSpec, manifest: Manifest,

@@ -20,7 +20,7 @@ import torch
 from pipeline import checkpoint as ckpt_lib
 from pipeline import console, driver
 from pipeline.config import Config, config_from_dict
-from pipeline.engine import autocast_dtype, build_engine
+from pipeline.deepspeed_engine import autocast_dtype, build_engine
 from pipeline.epoch import NonFiniteLossError, batches_per_epoch, run_epoch
 from pipeline.prefetch import epoch_batches
 from pipeline.run_state import (RunState, count_nodes, end_epoch, finish, mark_no_retry,

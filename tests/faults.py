@@ -78,18 +78,18 @@ def nan_loss_loop(at_step: int) -> Callable[[dict[str, Any]], None]:
 def eval_failure_loop(message: str = "injected: gallery shard unreadable") -> Callable[[dict[str, Any]], None]:
     """``train_loop_per_worker`` whose every evaluation raises ``RuntimeError(message)`` on every rank."""
     def loop(loop_config: dict[str, Any]) -> None:
-        from pipeline import evaluation, worker
+        from pipeline import distributed_eval, worker
 
-        real = evaluation.evaluate
+        real = distributed_eval.evaluate
 
         def evaluate(*args, **kwargs):
             raise RuntimeError(message)
 
-        evaluation.evaluate = evaluate
+        distributed_eval.evaluate = evaluate
         try:
             worker.train_loop_per_worker(loop_config)
         finally:
-            evaluation.evaluate = real
+            distributed_eval.evaluate = real
 
     return loop
 

@@ -33,7 +33,7 @@ def _engine(stage: int):
     """A one-rank DeepSpeed engine on the tiny model (the caller's process joins a gloo group of 1)."""
     import torch.distributed as dist
 
-    from pipeline.engine import build_engine
+    from pipeline.deepspeed_engine import build_engine
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", DS_ACCELERATOR="cpu")

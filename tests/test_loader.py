@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.eval_data import eval_loader
-from pipeline.loader import BatchRing, Normalized, _ship_by_slot
+from pipeline.loader import BatchRing, Normalized, _ship_by_buffer
 from pipeline.train_data import train_loader
 from shard_writer import (H, TRAIN_KW, W, _eval, _make_tracklets, _run_train, _same, _write_dataset,  # noqa: F401
                           eval_set, train_dir)
@@ -65,7 +65,7 @@ def test_held_batches_and_views_survive_buffer_reuse(train_dir, eval_set, tmp_pa
     assert len(held) == len(eref) and all(torch.equal(h, r["clips"][0]) for h, r in zip(held, eref))
 
 
-def test_ring_buffers_shipped_once_then_by_slot():
+def test_ring_buffers_shipped_once_then_by_buffer():
     """After a ring buffer's first batch, its batches travel as (slot, shape) without the tensor;
     the consumer hands out arrays over the buffer it mapped once, releases the buffer when the
     last of them (or of their views) dies, and batches outside the ring still bring their tensor."""
@@ -77,25 +77,25 @@ def test_ring_buffers_shipped_once_then_by_slot():
     def produce(i, rows=2):
         t, u8, slot = ring.get((2, 3))
         u8[:] = i
-        return next(_ship_by_slot(iter([{"clips": t[:rows], "_slot": slot}]), ring))
+        return next(_ship_by_buffer(iter([{"clips": t[:rows], "_buffer": slot}]), ring))
 
     b0 = produce(0)
-    assert b0["_slot"] == 2 and "clips" in b0 and b0["_shape"] == (2, 3)  # brings its buffer
+    assert b0["_buffer"] == 2 and "clips" in b0 and b0["_shape"] == (2, 3)  # brings its buffer
     c0 = consumer.convert(b0).pop("clips")
     ptr = c0.data_ptr()
     assert int(flags[2]) == 1
     del c0
     assert int(flags[2]) == 0  # released: the worker may refill it
     b1 = produce(1)
-    assert b1["_slot"] == 2 and "clips" not in b1 and b1["_shape"] == (2, 3)  # by slot
+    assert b1["_buffer"] == 2 and "clips" not in b1 and b1["_shape"] == (2, 3)  # by slot
     c1 = consumer.convert(b1).pop("clips")
     assert c1.data_ptr() == ptr and bool((c1 == 1).all())
     b2 = produce(2, rows=1)  # slot 2 is held: a new buffer, slot 3, brought with the batch
-    assert b2["_slot"] == 3 and "clips" in b2 and b2["_shape"] == (1, 3)
+    assert b2["_buffer"] == 3 and "clips" in b2 and b2["_shape"] == (1, 3)
     c2 = consumer.convert(b2).pop("clips")
     assert c2.shape == (1, 3) and bool((c2 == 2).all())
     b3 = produce(3)  # both held: a buffer outside the ring, sent as a tensor
-    assert b3["_slot"] == -1 and "_shape" not in b3 and bool((b3["clips"] == 3).all())
+    assert b3["_buffer"] == -1 and "_shape" not in b3 and bool((b3["clips"] == 3).all())
     view = c1[1]
     del c1
     assert int(flags[2]) == 1  # a view still refers to the buffer

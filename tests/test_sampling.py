@@ -109,12 +109,12 @@ def test_shard_assignment_disjoint_complete_seeded_and_resampled():
     a = train_shard_assignment(shards, epoch=0, rank=1, worker=0, **kw)
     assert a == train_shard_assignment(shards, epoch=0, rank=1, worker=0, **kw)  # pure
     assert a != train_shard_assignment(shards, epoch=1, rank=1, worker=0, **kw)  # new epoch
-    assert a != train_shard_assignment(shards, epoch=0, rank=1, worker=0, round=1, **kw)  # resample
+    assert a != train_shard_assignment(shards, epoch=0, rank=1, worker=0, resample_round=1, **kw)  # resample
     few = [train_shard_assignment(shards[:3], epoch=0, rank=r, worker=w, **kw)
            for r in range(2) for w in range(2)]
     assert all(len(f) >= 1 for f in few)  # fewer shards than slots: everyone still reads
     own, more = slot_shards(shards, epoch=0, rank=1, worker=0, **kw)
     assert own == a and [next(more) for _ in range(len(own))] == train_shard_assignment(
-        shards, epoch=0, rank=1, worker=0, round=1, **kw)
+        shards, epoch=0, rank=1, worker=0, resample_round=1, **kw)
     with pytest.raises(ValueError, match="bad slot"):
         train_shard_assignment(shards, epoch=0, rank=2, worker=0, **kw)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.config import load_config
-from pipeline.engine import deepspeed_config, lr_factor, resolve_precision
+from pipeline.deepspeed_engine import deepspeed_config, lr_factor, resolve_precision
 from pipeline.train import free_port
 
 
@@ -59,7 +59,7 @@ def _one_step(rank, world, port, overrides, clips, pids, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from pipeline.checkpoint import build_model_from_config
-    from pipeline.engine import build_engine
+    from pipeline.deepspeed_engine import build_engine
     from pipeline.epoch import train_step
 
     cfg = _cfg(*overrides, f"data.p={clips.shape[0] // world // 2}", "data.k=2")

@@ -1,4 +1,4 @@
-"""pipeline.evaluation: per-tracklet embedding averages over the real eval stream, scoring, table."""
+"""pipeline.distributed_eval: per-tracklet embedding averages over the real eval stream, scoring, table."""
 from pathlib import Path
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.evaluation import SplitFeatures, extract, format_table, score
+from pipeline.distributed_eval import SplitFeatures, extract, format_table, score
 from pipeline.eval_data import eval_loader
 
 ROOT = Path(__file__).resolve().parents[1]
