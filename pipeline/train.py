@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -279,6 +281,7 @@ def fit_tracked(cfg: Config, args: argparse.Namespace, *, run_name: str, storage
             raise SystemExit(2) from None
         run_id = driver.open_run(cfg, run_name=run_name, run_dir=run_dir, experiment_id=exp_id)
     status = "FAILED"
+    interrupted, restore_sigint = _watch_sigint()
     try:
         init_ray(cfg, getattr(args, "address", None))
         if run_id:
@@ -301,10 +304,49 @@ def fit_tracked(cfg: Config, args: argparse.Namespace, *, run_name: str, storage
         status = "KILLED"
         raise
     finally:
+        restore_sigint()
+        if interrupted.is_set():  # Ray may turn the interrupt into a failed result or another error
+            status = "KILLED"
         final = driver.close_run(cfg, run_id, status)
         if final and final != "FINISHED":
             print(f"MLflow run {run_id} marked {final}", file=sys.stderr)
         driver.cleanup_ckpt_tmp(run_name)
+
+
+def _watch_sigint():
+    """``(event, restore)``: the event is set when SIGINT (Ctrl-C) reaches the driver; ``restore()``
+    undoes what this set up.
+
+    Ray Train's ``fit`` installs its own SIGINT handler (a graceful abort of the controller) and then
+    surfaces the interrupt as a dead controller actor, not ``KeyboardInterrupt``; the MLflow run must
+    still be closed KILLED, not FAILED. So every SIGINT handler installed while training runs, Ray's
+    included, is wrapped to set the event first and then do exactly what it did.
+    """
+    seen = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return seen, lambda: None  # handlers can only be set from the main thread (e.g. a Tune trial)
+    real_signal, previous = signal.signal, signal.getsignal(signal.SIGINT)
+
+    def wrap(handler):
+        if not callable(handler):
+            return handler
+
+        def on_sigint(signum, frame):
+            seen.set()
+            return handler(signum, frame)
+        return on_sigint
+
+    def install(signum, handler):
+        return real_signal(signum, wrap(handler) if signum == signal.SIGINT else handler)
+
+    real_signal(signal.SIGINT, wrap(previous if previous is not None else signal.default_int_handler))
+    signal.signal = install
+
+    def restore() -> None:
+        signal.signal = real_signal
+        real_signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+    return seen, restore
 
 
 def summarize(cfg: Config, result, manifest: dict, seconds: float) -> dict[str, Any]:
