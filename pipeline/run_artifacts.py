@@ -10,6 +10,7 @@ import torch
 
 from pipeline import checkpoint as ckpt_lib
 from pipeline.config import Config, config_from_dict
+from pipeline.redact import strip_credentials
 from pipeline.transforms import model_input
 
 log = logging.getLogger("pipeline.run_artifacts")
@@ -49,7 +50,12 @@ def final_artifacts(tracker, cfg: Config, state: dict, num_classes: int, last_ev
             extra = {"re-ranked": last_eval["rr_cmc"]} if "rr_cmc" in last_eval else None
             tracker.log_artifact(viz.plot_cmc(last_eval["cmc"], os.path.join(tmp, "cmc.png"), label=cfg.model.kind,
                                               extra=extra))
-        curves = curves_from_mlflow(tracker)
+        try:
+            curves = curves_from_mlflow(tracker)
+        except Exception as exc:  # noqa: BLE001 - a tracking outage must never fail a finished run
+            log.warning("loss curves skipped: the MLflow history could not be read (%s)",
+                        strip_credentials(str(exc)).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+            curves = {}
         if curves:
             tracker.log_artifact(viz.plot_curves(curves, os.path.join(tmp, "curves.png"), title=cfg.name))
         model = ckpt_lib.build_model_from_config(_no_pretrained(cfg), num_classes)

@@ -58,8 +58,6 @@ def s3_bucket(s3_server):
 # until someone runs them on a quiet machine: STA_RUN_UNVERIFIED=1 scripts/test.sh tests/test_job_submit.py ...
 # (issue notes of #15 and #16 list them). Remove an entry once it is seen green.
 UNVERIFIED = (
-    "tests/test_job_submit.py::",
-    "tests/test_cluster_slurm.py::test_submit_to_a_running_head",
     "tests/test_train.py::test_train_end_to_end_s3_checkpoints_mlflow",
     "tests/test_train.py::test_fault_injection_restores_from_checkpoint",
     "tests/test_train.py::test_multi_node_cluster_s3",
