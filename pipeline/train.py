@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 from pipeline import driver, resume, storage
@@ -284,14 +285,17 @@ def fit_tracked(cfg: Config, args: argparse.Namespace, *, run_name: str, storage
     interrupted, restore_sigint = _watch_sigint()
     try:
         init_ray(cfg, getattr(args, "address", None))
-        if run_id:
-            import ray
+        import ray.train  # after init_ray: importing Ray is kept off the --help / config-check path
 
+        if run_id:
             driver.set_run_tags(cfg, run_id, {"ray.job_id": ray.get_runtime_context().get_job_id()})
         trainer = build_trainer(cfg, run_name=run_name, storage_path=storage_path, resume=resume,
                                 mlflow_run_id=run_id, verbose=bool(getattr(args, "verbose", False)))
         t = time.perf_counter()
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as exc:  # Ray Train V2 raises the run's error from fit()
+            result = failed_result(exc, run_dir)
         status = "FAILED" if result.error else "FINISHED"
         summary = summarize(cfg, result, manifest, time.perf_counter() - t)
         summary["mlflow_run_id"] = summary.get("mlflow_run_id") or run_id
@@ -347,6 +351,18 @@ def _watch_sigint():
         real_signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
     return seen, restore
+
+
+def failed_result(exc: Exception, run_dir: str) -> SimpleNamespace:
+    """What :func:`summarize` needs from a run whose ``fit()`` raised: the error (for a worker failure,
+    the first rank's own exception, one line, not Ray's wrapped traceback) and the newest complete
+    checkpoint, which ``--resume`` would continue from."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    root = failures[min(failures)] if failures else exc
+    error = f"{type(root).__name__}: {root}".strip().splitlines()[0] if str(root) else type(root).__name__
+    url, epoch, _ = resume.newest_complete(run_dir)
+    return SimpleNamespace(metrics={"epoch": epoch} if url else {}, error=error, path=run_dir,
+                           checkpoint=SimpleNamespace(path=url) if url else None)
 
 
 def summarize(cfg: Config, result, manifest: dict, seconds: float) -> dict[str, Any]:

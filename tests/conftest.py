@@ -58,13 +58,6 @@ def s3_bucket(s3_server):
 # until someone runs them on a quiet machine: STA_RUN_UNVERIFIED=1 scripts/test.sh tests/test_job_submit.py ...
 # (issue notes of #15 and #16 list them). Remove an entry once it is seen green.
 UNVERIFIED = (
-    "tests/test_train.py::test_train_end_to_end_s3_checkpoints_mlflow",
-    "tests/test_train.py::test_fault_injection_restores_from_checkpoint",
-    "tests/test_train.py::test_multi_node_cluster_s3",
-    "tests/test_train.py::test_evaluate_cli_on_export",
-    "tests/test_train.py::test_resume_stopped_run_and_from_checkpoint",
-    "tests/test_train.py::test_resume_refuses_a_crafted_pickle_and_runs_nothing",
-    "tests/test_train.py::test_non_finite_loss_stops_at_its_step_keeps_last_checkpoint_and_is_not_retried",
     "tests/test_train.py::test_final_evaluation_failure_keeps_the_epoch_and_final_export",
 )
 
