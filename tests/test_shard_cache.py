@@ -95,7 +95,7 @@ def test_least_recently_used_copies_make_room(s3_bucket, tmp_path):
     _fill(cache, urls[2])
     assert [os.path.exists(cache.path(u)) for u in urls[:3]] == [True, False, True]
     stale = os.path.join(cache.root, "ab", ".tmp-dead.tar")  # left by a killed process
-    os.makedirs(os.path.dirname(stale))
+    os.makedirs(os.path.dirname(stale), exist_ok=True)  # a cached copy may already live in ab/
     open(stale, "wb").close()
     os.utime(stale, (old - 7200, old - 7200))
     _fill(cache, urls[3])
