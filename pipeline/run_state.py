@@ -199,8 +199,7 @@ def publish(run: RunState, tracker) -> None:
     and the epoch trained again after a resume is logged once. The console line is not held.
     """
     if tracker is not None:
-        for values, step in run.held:
-            tracker.log_metrics(values, step)
+        tracker.log_metric_rows(run.held)
     run.held.clear()
 
 

@@ -267,7 +267,7 @@ class Tracker:
         if self._started and self.enabled:
             if self._pending:
                 self._down_until = 0.0  # one last try for what an outage kept back
-                self.log_metrics({}, 0)
+                self._flush()
             if self._pending:
                 log.warning("run %s: %d metric values could not be sent to MLflow", self.run_id, len(self._pending))
             self._down_until = 0.0
@@ -349,6 +349,20 @@ class Tracker:
         """
         if not self._active():
             return {}
+        logged = self._stage(metrics, step)
+        self._flush()
+        return logged
+
+    def log_metric_rows(self, rows) -> None:
+        """Log ``(metrics, step)`` rows in as few batches as the store takes (one round trip for a
+        checkpoint's worth of held per-step and per-epoch metrics, not one per row)."""
+        if not self._active():
+            return
+        for metrics, step in rows:
+            self._stage(metrics, step)
+        self._flush()
+
+    def _stage(self, metrics: Mapping[str, Any], step: int) -> dict[str, float]:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -360,6 +374,9 @@ class Tracker:
                 continue
             logged[str(key)] = v
         self._pending.extend(Metric(k, v, now, int(step)) for k, v in logged.items())
+        return logged
+
+    def _flush(self) -> None:
         if len(self._pending) > MAX_PENDING_METRICS:  # a very long outage: keep the newest
             del self._pending[:len(self._pending) - MAX_PENDING_METRICS]
         while self._pending:
@@ -367,7 +384,6 @@ class Tracker:
             if not self._send("log metrics", self._client.log_batch, self.run_id, metrics=batch):
                 break
             del self._pending[:len(batch)]
-        return logged
 
     # -- artifacts
     def log_artifact(self, path: str | os.PathLike, artifact_path: Optional[str] = None) -> None:
