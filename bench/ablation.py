@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.checkpoint import load_exported
 from pipeline.config import load_config
-from pipeline.tracking import resolve_tracking_uri
+from pipeline.model_io import load_exported
+from pipeline.tracking_store import resolve_tracking_uri
 from pipeline.transforms import model_input
 from pipeline.viz import plot_attention_grid
 from sta_model.attention import spatial_temporal_attention

@@ -2,7 +2,7 @@
 
 Sizes: the parameter count of the STA model with the ResNet-50 trunk (paper setup, MARS's 625
 classes) and with the tiny trunk (configs/tiny.yaml), counted from the real models built by
-``pipeline.checkpoint.build_model_from_config``; plus fixed sizes to fit a bandwidth line. Each
+``pipeline.model_io.build_model_from_config``; plus fixed sizes to fit a bandwidth line. Each
 size is one flat fp32 tensor (DeepSpeed buckets gradients, ``reduce_bucket_size`` 5e7 elements,
 so ResNet-50's ~26M parameters go as one bucket). Two ranks spawned with ``torch.multiprocessing``
 each time ``dist.all_reduce`` after a barrier; the slower rank's time counts. The baseline each
@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from _process_group import free_port
-from pipeline.checkpoint import build_model_from_config
+from pipeline.model_io import build_model_from_config
 from pipeline.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -41,7 +41,7 @@ import torch
 
 from _process_group import one_rank_group
 from pipeline import pack, synthetic
-from pipeline.checkpoint import build_model_from_config
+from pipeline.model_io import build_model_from_config
 from pipeline.config import load_config
 from pipeline.deepspeed_engine import autocast_dtype, build_engine, compile_engine
 from pipeline.train_data import train_loader

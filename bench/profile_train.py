@@ -36,7 +36,7 @@ from _process_group import one_rank_group
 from pipeline import checkpoint as ckpt_lib
 from pipeline import pack as packmod
 from pipeline import synthetic
-from pipeline.checkpoint import build_model_from_config
+from pipeline.model_io import build_model_from_config
 from pipeline.config import load_config
 from pipeline.deepspeed_engine import autocast_dtype, build_engine
 from pipeline.shards import read_manifest
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     num_classes = int(man["num_classes"])
     one_rank_group()
     torch.manual_seed(0)
-    model = ckpt_lib.build_model_from_config(cfg, num_classes)
+    model = build_model_from_config(cfg, num_classes)
     engine, precision, _ = build_engine(model, cfg, world_size=1, steps_per_epoch=a.steps)
     dtype = autocast_dtype(precision)
     common = dict(clip_len=d.clip_len, p=d.p, k=d.k, height=d.height, width=d.width,

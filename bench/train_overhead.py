@@ -2,7 +2,7 @@
 PyTorch loop on the same model, batches, loss and optimizer.
 
 Both sides: one process, CPU, fp32, the model of ``--config`` (default configs/tiny.yaml: tiny
-trunk) built by ``pipeline.checkpoint.build_model_from_config``, ``--steps`` in-memory batches
+trunk) built by ``pipeline.model_io.build_model_from_config``, ``--steps`` in-memory batches
 (random normalised clips, P x K labels, generated once and shared), loss
 ``sta_model.losses.combined_loss`` with the config's weights, and ``torch.optim.Adam`` with the
 config's lr / weight decay and the same no-decay-on-BN/bias parameter groups.
@@ -33,7 +33,7 @@ import time
 import torch
 
 from _process_group import one_rank_group
-from pipeline.checkpoint import build_model_from_config
+from pipeline.model_io import build_model_from_config
 from pipeline.config import load_config
 from pipeline.deepspeed_engine import autocast_dtype, build_engine, build_optimizer, lr_factor, param_groups
 from sta_model.losses import combined_loss

@@ -91,7 +91,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, *, world_size: int, steps_
 
     Uses the process group Ray Train set up; a single process without one gets a 1-rank group.
     Also applies ``model.compile`` (``model.channels_last`` is the model's own, set when
-    ``pipeline.checkpoint.build_model_from_config`` builds it).
+    ``pipeline.model_io.build_model_from_config`` builds it).
     Returns ``(engine, precision, ds_config)``.
     """
     if not cfg.scaling.use_gpu:

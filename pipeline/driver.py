@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline import tracking_store
 from pipeline.config import Config, ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -164,7 +165,7 @@ def _http_probe(uri: str, timeout: float) -> None:
 
 
 def _redacted(uri: str) -> str:
-    from pipeline.tracking import strip_credentials  # imports mlflow (~2.4 s); pipeline.train imports this module
+    from pipeline.redact import strip_credentials  # imports mlflow (~2.4 s); pipeline.train imports this module
 
     return strip_credentials(uri)
 
@@ -173,7 +174,7 @@ def preflight_tracking(cfg: Config, timeout: float = PREFLIGHT_TIMEOUT_S) -> Opt
     """Check the MLflow store before Ray starts and create/migrate it once, here.
 
     A server gets a short ``/health`` probe, then the experiment is created (MLflow's HTTP retries
-    bounded by :func:`pipeline.tracking.bound_http_retries`); a sqlite file is created or migrated
+    bounded by :func:`pipeline.tracking_store.bound_http_retries`); a sqlite file is created or migrated
     by this one process, so workers never race on a half-migrated database.
 
     Args:
@@ -186,16 +187,14 @@ def preflight_tracking(cfg: Config, timeout: float = PREFLIGHT_TIMEOUT_S) -> Opt
     Raises:
         ConfigError: one line naming ``tracking.uri`` when the store cannot be reached or opened.
     """
-    from pipeline import tracking  # imports mlflow (~2.4 s); pipeline.train imports this module at start
-
     if not cfg.tracking.enabled:
         return None
-    tracking.bound_http_retries()
-    uri = cfg.tracking.uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking_store.bound_http_retries()
+    uri = cfg.tracking.uri = tracking_store.resolve_tracking_uri(cfg.tracking.uri)
     if uri.startswith(("http://", "https://")):
         _http_probe(uri, timeout)
     try:
-        return tracking.ensure_experiment(uri, tracking.experiment_name(cfg))
+        return tracking_store.ensure_experiment(uri, tracking_store.experiment_name(cfg))
     except Exception as exc:  # noqa: BLE001 - any store failure is one line for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"tracking.uri={_redacted(uri)}: cannot open the MLflow store ({_redacted(first)[:300]})") from None
@@ -215,7 +214,7 @@ def open_run(cfg: Config, *, run_name: str, run_dir: str, experiment_id: str,
     """
     from mlflow import MlflowClient
 
-    from pipeline import tracking  # imports mlflow (~2.4 s); pipeline.train imports this module at start
+    from pipeline import redact, tracking  # imports mlflow (~2.4 s); pipeline.train imports this module at start
 
     client = MlflowClient(cfg.tracking.uri)
     tags = {**provenance(), **tracking.run_tags(cfg, extra_tags), "sta.run_dir": run_dir}
@@ -230,7 +229,7 @@ def open_run(cfg: Config, *, run_name: str, run_dir: str, experiment_id: str,
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "resume_count", str(int(found[0].data.tags.get("resume_count", "0")) + 1))
         return run_id
-    run_id = client.create_run(experiment_id, run_name=run_name, tags=tracking.safe_tags(tags)).info.run_id
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=redact.safe_tags(tags)).info.run_id
     # Params and config now, so a run that fails before any worker starts still says what it was.
     tracker = tracking.Tracker(cfg)
     tracker.start(cfg, run_id=run_id, resumed=False)
@@ -247,11 +246,11 @@ def set_run_tags(cfg: Config, run_id: str, tags: dict[str, Any]) -> None:
     """Add tags to a run from the driver; a tracking outage only warns."""
     from mlflow import MlflowClient
 
-    from pipeline import tracking  # imports mlflow (~2.4 s); pipeline.train imports this module at start
+    from pipeline import redact  # imports mlflow (~2.4 s); pipeline.train imports this module at start
 
     try:
         client = MlflowClient(cfg.tracking.uri)
-        for k, v in tracking.safe_tags(tags).items():
+        for k, v in redact.safe_tags(tags).items():
             client.set_tag(run_id, k, v)
     except Exception as exc:  # noqa: BLE001 - tags must never fail a finished run
         print(f"warning: could not tag MLflow run {run_id}: {_redacted(str(exc))[:200]}", file=sys.stderr)

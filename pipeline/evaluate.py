@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from pipeline import checkpoint, distributed_eval, storage
+from pipeline import checkpoint, distributed_eval, model_io, s3_errors, storage, tracking_store, urls
 from pipeline.config import ConfigError, apply_overrides, parse_override
 
 # What the two kinds of directory hold (for messages about a directory that is neither).
@@ -44,8 +44,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     try:
         if args.overrides:
             cfg = apply_overrides(cfg, dict(parse_override(o) for o in args.overrides))
-        storage.check(cfg.data.shards)
-    except (ConfigError, storage.StorageError) as exc:
+        s3_errors.check(cfg.data.shards)
+    except (ConfigError, s3_errors.StorageError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     device = torch.device(args.device)
@@ -76,8 +76,8 @@ def load_or_exit(url: str):
         if why is None:
             with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it refuses
                 warnings.filterwarnings("ignore", message=".*pickle protocol.*")
-                return checkpoint.load_any(url)
-    except (storage.StorageError, checkpoint.CheckpointError) as exc:  # these name the URL already
+                return model_io.load_any(url)
+    except (s3_errors.StorageError, checkpoint.CheckpointError) as exc:  # these name the URL already
         why = one_line(exc)
     except Exception as exc:  # CheckpointError, a refused unpickle, bad YAML/JSON, shape mismatch ...
         why = f"{url}: cannot load it: {one_line(exc)}"
@@ -92,8 +92,8 @@ def not_a_checkpoint(url: str) -> Optional[str]:
         url (str): a local path, ``file://`` or ``s3://`` URL.
     """
     url = url.rstrip("/") or url
-    storage.check(url)
-    if not storage.is_s3(url):
+    s3_errors.check(url)
+    if not urls.is_s3(url):
         path = url[len("file://"):] if url.startswith("file://") else url
         if not os.path.exists(path):
             return f"{url}: no such directory"
@@ -101,7 +101,7 @@ def not_a_checkpoint(url: str) -> Optional[str]:
             return f"{url}: is a file, not a directory; pass {KINDS}"
     names = set(storage.listdir(url))
     if not names:
-        return f"{url}: {'nothing under this prefix' if storage.is_s3(url) else 'empty directory'}"
+        return f"{url}: {'nothing under this prefix' if urls.is_s3(url) else 'empty directory'}"
     if "model.pt" in names or "config.yaml" in names:
         return None
     ckpts = sorted(n for n in names if n.startswith("checkpoint_"))
@@ -132,7 +132,7 @@ def _log(cfg, args, metrics: dict, scalars: dict) -> None:
         extra = {"re-ranked": metrics["rr_cmc"]} if "rr_cmc" in metrics else None
         tracker.log_artifact(viz.plot_cmc(metrics["cmc"], Path(tmp) / "cmc.png", label=cfg.model.kind, extra=extra))
     tracker.end("FINISHED")
-    print(f"logged to MLflow run {run_id} ({tracking.resolve_tracking_uri(cfg.tracking.uri)})")
+    print(f"logged to MLflow run {run_id} ({tracking_store.resolve_tracking_uri(cfg.tracking.uri)})")
 
 
 if __name__ == "__main__":

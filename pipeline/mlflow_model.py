@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.tracking import _to_float, strip_credentials
+from pipeline.redact import strip_credentials
+from pipeline.tracking import _to_float
 import sta_model
 
 log = logging.getLogger(__name__)

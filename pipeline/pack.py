@@ -39,7 +39,7 @@ import tempfile
 
 from PIL import Image
 
-from pipeline import storage
+from pipeline import s3_errors, storage, urls
 from pipeline.shards import FORMAT, MANIFEST, SHARD_RE, SPLITS, frame_name, member_bytes, sample_key, shard_name
 from pipeline.datasets import DatasetError, Tracklet, load_dataset
 
@@ -160,7 +160,7 @@ def pack(dataset: str, root: str, out: str, *, shard_bytes: int = 256 << 20, res
         if min(resize) < 1:
             raise ValueError(f"bad resize {resize}")
     ds = load_dataset(dataset, root)
-    storage.remove(storage.join(out, MANIFEST), missing_ok=True)  # not a dataset until the end
+    storage.remove(urls.join(out, MANIFEST), missing_ok=True)  # not a dataset until the end
 
     skipped = {"corrupt_images": 0, "tracklets_dropped": 0, "examples": [],
                "reader_entries": len(ds.skipped)}
@@ -184,7 +184,7 @@ def pack(dataset: str, root: str, out: str, *, shard_bytes: int = 256 << 20, res
                 name = shard_name(split, len(shards))
                 digest = shard.close()
                 nbytes = os.path.getsize(shard.path)
-                (uploaded if _publish(shard.path, storage.join(out, name), digest, nbytes)
+                (uploaded if _publish(shard.path, urls.join(out, name), digest, nbytes)
                  else reused).append(name)
                 os.remove(shard.path)
                 shards.append({"name": name, "bytes": nbytes, "sha256": digest,
@@ -235,9 +235,9 @@ def pack(dataset: str, root: str, out: str, *, shard_bytes: int = 256 << 20, res
     names = {s["name"] for sp in manifest["splits"].values() for s in sp["shards"]}
     for name in storage.listdir(out):  # shards of an earlier, different pack at this prefix
         if SHARD_RE.match(name) and name not in names:
-            storage.remove(storage.join(out, name), missing_ok=True)
+            storage.remove(urls.join(out, name), missing_ok=True)
     manifest["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    storage.write_bytes(storage.join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
+    storage.write_bytes(urls.join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
     if skipped["corrupt_images"] or skipped["tracklets_dropped"]:
         log.warning("pack %s: skipped %d corrupt images, dropped %d tracklets (see manifest 'skipped')",
                     dataset, skipped["corrupt_images"], skipped["tracklets_dropped"])
@@ -265,8 +265,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:  # missing bucket, endpoint down, no or wrong credentials: one line before any work
-        storage.check(a.out)
-    except storage.StorageError as e:
+        s3_errors.check(a.out)
+    except s3_errors.StorageError as e:
         print(f"pack failed: {e}", file=sys.stderr)
         return 2
     try:

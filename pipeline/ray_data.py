@@ -15,7 +15,7 @@ docs/interfaces.md (Ray Data) has the recipe with its caveats.
 """
 from __future__ import annotations
 
-from pipeline import storage
+from pipeline import s3_client, urls
 from pipeline.shards import as_manifest, make_sample
 
 COLUMNS = ("key", "pid", "camid", "index", "n_frames", "frames")
@@ -42,8 +42,8 @@ def read_split(source, split: str, **read_args):
     import ray.data
 
     info = as_manifest(source).split(split)
-    urls = list(info.urls)
-    fs = storage.arrow_filesystem(urls[0]) if urls and storage.is_s3(urls[0]) else None
+    shard_urls = list(info.urls)
+    fs = s3_client.arrow_filesystem(shard_urls[0]) if shard_urls and urls.is_s3(shard_urls[0]) else None
     if fs is not None:  # pyarrow's S3 paths are bucket/key
-        urls = [u[len("s3://"):] for u in urls]
-    return ray.data.read_webdataset(urls, filesystem=fs, decoder=tracklet_row, **read_args)
+        shard_urls = [u[len("s3://"):] for u in shard_urls]
+    return ray.data.read_webdataset(shard_urls, filesystem=fs, decoder=tracklet_row, **read_args)

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import yaml
 
 from pipeline import checkpoint as ckpt_lib
-from pipeline import storage
+from pipeline import model_io, storage, urls
 from pipeline.config import Config, ConfigError, config_from_dict
 
 log = logging.getLogger("pipeline.resume")
@@ -75,7 +75,7 @@ def _normalise(url: str) -> str:
     url = url.rstrip("/")
     if url.startswith("file://"):
         url = url[len("file://"):]
-    return url if storage.is_s3(url) else os.path.abspath(url)
+    return url if urls.is_s3(url) else os.path.abspath(url)
 
 
 def checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -84,7 +84,7 @@ def checkpoints(run_dir: str) -> list[tuple[int, str]]:
     for name in storage.listdir(run_dir):
         m = CHECKPOINT_RE.match(name)
         if m:
-            found.append((int(m.group(1)), storage.join(run_dir, name)))
+            found.append((int(m.group(1)), urls.join(run_dir, name)))
     return sorted(found, reverse=True)
 
 
@@ -96,7 +96,7 @@ def newest_complete(run_dir: str, *, deep: Optional[bool] = None) -> tuple[Optio
         run_dir: the run directory (local or ``s3://``).
         deep: hash every file (default: locally yes; on S3 sizes only, the loader hashes its copy).
     """
-    deep = not storage.is_s3(run_dir) if deep is None else deep
+    deep = not urls.is_s3(run_dir) if deep is None else deep
     skipped = []
     for epoch, url in checkpoints(run_dir):
         problems = ckpt_lib.verify(url, deep=deep)
@@ -120,8 +120,8 @@ def _is_run(names: list[str]) -> bool:
 
 def checkpoint_config(url: str) -> dict[str, Any]:
     """The flat config stored in a (verified) checkpoint."""
-    raw = yaml.safe_load(storage.read_bytes(storage.join(url, "config.yaml")))
-    return ckpt_lib.saved_config(raw, url).flat()
+    raw = yaml.safe_load(storage.read_bytes(urls.join(url, "config.yaml")))
+    return model_io.saved_config(raw, url).flat()
 
 
 def config_changes(old: dict[str, Any], cfg: Config) -> list[str]:
@@ -156,11 +156,11 @@ def plan_resume(uri: str, cfg: Config, *, run_name: str) -> Plan:
     if not names:
         raise ConfigError(f"--resume: {uri} does not exist or is empty: neither a run nor a checkpoint")
     if _is_checkpoint(uri, names):
-        problems = ckpt_lib.verify(uri, deep=not storage.is_s3(uri))
+        problems = ckpt_lib.verify(uri, deep=not urls.is_s3(uri))
         if problems:
             raise ConfigError(f"--resume: {uri} is an incomplete checkpoint, not used ({problems[0]}); "
                               f"resume its run directory to use the newest complete one")
-        epoch = int(json.loads(storage.read_bytes(storage.join(uri, "meta.json"))).get("epoch", 0))
+        epoch = int(json.loads(storage.read_bytes(urls.join(uri, "meta.json"))).get("epoch", 0))
         plan = Plan(cfg.checkpoint.storage_path, run_name, "fork", uri, epoch,
                     changed=config_changes(checkpoint_config(uri), cfg))
         clash = check_run_name(cfg, plan.storage_path, run_name, explicit=True)

@@ -8,7 +8,7 @@ import tempfile
 
 import torch
 
-from pipeline import checkpoint as ckpt_lib
+from pipeline import model_io
 from pipeline.config import Config, config_from_dict
 from pipeline.redact import strip_credentials
 from pipeline.transforms import model_input
@@ -19,9 +19,9 @@ log = logging.getLogger("pipeline.run_artifacts")
 def pretrained_tags(cfg: Config) -> dict[str, str]:
     """MLflow tags naming where the trunk came from when ``model.pretrained`` is an earlier run's export."""
     src = cfg.model.pretrained
-    if not src or not ckpt_lib.is_export(src):
+    if not src or not model_io.is_export(src):
         return {}
-    info = ckpt_lib.export_info(src)  # tags need no weights
+    info = model_io.export_info(src)  # tags need no weights
     tags = {"pretrained.source": src, "pretrained.trunk": str(info["trunk"])}
     if info.get("mlflow_run_id"):
         tags["pretrained.source_run_id"] = str(info["mlflow_run_id"])
@@ -58,7 +58,7 @@ def final_artifacts(tracker, cfg: Config, state: dict, num_classes: int, last_ev
             curves = {}
         if curves:
             tracker.log_artifact(viz.plot_curves(curves, os.path.join(tmp, "curves.png"), title=cfg.name))
-        model = ckpt_lib.build_model_from_config(_no_pretrained(cfg), num_classes)
+        model = model_io.build_model_from_config(_no_pretrained(cfg), num_classes)
         model.load_state_dict(state)
         model.eval()
         if cfg.tracking.heatmaps > 0:  # figures on: ranked results beside the CMC curve

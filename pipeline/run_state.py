@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import checkpoint as ckpt_lib
-from pipeline import distributed_eval, driver, run_artifacts, storage, tracking
+from pipeline import distributed_eval, driver, model_io, run_artifacts, storage, tracking, urls
 from pipeline import resume as resume_lib
 from pipeline.config import Config
 from pipeline.epoch import NonFiniteLossError
@@ -35,7 +35,7 @@ def mark_no_retry(run_dir: str, exc: Exception) -> None:
     writes the same record; a failed write only loses the shortcut, not the error)."""
     record = {"job_id": ray.get_runtime_context().get_job_id(), "error": str(exc)}
     try:
-        storage.write_bytes(storage.join(run_dir, NO_RETRY), json.dumps(record).encode())
+        storage.write_bytes(urls.join(run_dir, NO_RETRY), json.dumps(record).encode())
     except Exception as write_exc:  # noqa: BLE001 - the original error is what matters
         log.warning("could not record %s: %s", NO_RETRY, write_exc)
 
@@ -48,7 +48,7 @@ def refuse_retry(run_dir: str) -> None:
     ``pipeline.train`` (another Ray job: ``--resume`` after lowering the LR) is not affected.
     """
     try:
-        record = json.loads(storage.read_bytes(storage.join(run_dir, NO_RETRY)))
+        record = json.loads(storage.read_bytes(urls.join(run_dir, NO_RETRY)))
     except Exception:  # noqa: BLE001 - none recorded (the usual case) or unreadable: train
         return
     if record.get("job_id") == ray.get_runtime_context().get_job_id():
@@ -111,7 +111,7 @@ def restore(engine, run: RunState, *, resume: Optional[str]) -> dict[str, Any]:
         return {}
     with tempfile.TemporaryDirectory(prefix="sta-restore-") as tmp:
         local = src
-        if storage.is_s3(src):
+        if urls.is_s3(src):
             storage.download_dir(src, tmp)
             local = tmp
         meta = ckpt_lib.load(engine, local)  # verifies the manifests, reads weights-only
@@ -223,19 +223,19 @@ def evaluate_and_export_best(engine, run: RunState, metrics: dict[str, Any]) -> 
         dist.broadcast(flag, 0)
     run.meta["best"] = run.best
     if flag.item():
-        state = ckpt_lib.full_state_dict(engine)  # collective under ZeRO-3
+        state = model_io.full_state_dict(engine)  # collective under ZeRO-3
         if run.rank == 0:
-            ckpt_lib.export_model(state, cfg, f"{run.run_dir}/best", num_classes=run.num_classes,
+            model_io.export_model(state, cfg, f"{run.run_dir}/best", num_classes=run.num_classes,
                                   metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
                                   provenance={"mlflow_run_id": run.meta["mlflow_run_id"], "run_dir": run.run_dir})
 
 
 def export_final(engine, run: RunState) -> dict[str, torch.Tensor]:
     """``<run>/final``: the whole model (every rank joins the gather under ZeRO-3); returns its state."""
-    state = ckpt_lib.full_state_dict(engine)
+    state = model_io.full_state_dict(engine)
     if run.rank == 0:
         final_metrics = {k: v for k, v in run.last_eval.items() if isinstance(v, float)}
-        ckpt_lib.export_model(state, run.cfg, f"{run.run_dir}/final", num_classes=run.num_classes,
+        model_io.export_model(state, run.cfg, f"{run.run_dir}/final", num_classes=run.num_classes,
                               metrics=final_metrics,
                               provenance={"mlflow_run_id": run.meta["mlflow_run_id"], "run_dir": run.run_dir})
     return state

@@ -18,10 +18,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
-from pipeline import driver, resume, storage
-from pipeline.checkpoint import check_pretrained, ray_storage, storage_url
+from pipeline import driver, resume, s3_errors, storage, tracking_store, urls
+from pipeline.checkpoint import ray_storage, storage_url
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.epoch import batches_per_epoch
+from pipeline.model_io import check_pretrained
 from pipeline.pack import pack
 from pipeline.shards import read_manifest
 from pipeline.synthetic import _params, _read_marker, generate
@@ -56,9 +57,9 @@ def prepare_data(cfg: Config) -> dict[str, Any]:
     """Make sure ``data.shards`` holds a dataset; for the synthetic default, generate and pack it."""
     check_stores(cfg)
     try:  # a manifest that is not one, or a store failing now: one line, exit 2
-        found = storage.exists(storage.join(cfg.data.shards, "manifest.json"))
+        found = storage.exists(urls.join(cfg.data.shards, "manifest.json"))
         manifest = read_manifest(cfg.data.shards).raw if found else None
-    except (storage.StorageError, ValueError) as exc:
+    except (s3_errors.StorageError, ValueError) as exc:
         raise ConfigError(f"data.shards: {exc}") from None
     stale = synthetic_mismatch(cfg, manifest) if manifest else None
     if manifest and not stale:
@@ -81,14 +82,14 @@ def prepare_data(cfg: Config) -> dict[str, Any]:
 
 def check_stores(cfg: Config, resume: Optional[str] = None) -> None:
     """``data.shards``, ``checkpoint.storage_path`` and ``--resume`` are stores this process can use
-    (scheme, bucket, endpoint, credentials; :func:`pipeline.storage.check`), else a ``ConfigError``
+    (scheme, bucket, endpoint, credentials; :func:`pipeline.s3_errors.check`), else a ``ConfigError``
     naming the key: asked once, in seconds, before anything lists or reads them."""
     for key, url in (("data.shards", cfg.data.shards), ("checkpoint.storage_path", cfg.checkpoint.storage_path),
                      ("--resume", resume)):
         try:
             if url:
-                storage.check(url)
-        except storage.StorageError as exc:
+                s3_errors.check(url)
+        except s3_errors.StorageError as exc:
             raise ConfigError(f"{key}: {exc}") from None
 
 
@@ -183,8 +184,7 @@ def build_trainer(cfg: Config, *, run_name: str, storage_path: str, resume: Opti
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline import tracking  # mlflow: ~2.4 s, kept off the --help / config-check path
-    from pipeline.worker import train_loop_per_worker  # deepspeed + ray.train: ~1.4 s, likewise
+    from pipeline.worker import train_loop_per_worker  # deepspeed + ray.train: ~1.4 s, kept off the --help path
 
     absolute_paths(cfg)
     sc = cfg.scaling
@@ -193,7 +193,7 @@ def build_trainer(cfg: Config, *, run_name: str, storage_path: str, resume: Opti
         resources["GPU"] = sc.gpus_per_worker
     path, fs = ray_storage(storage_path)
     # Workers must log to the driver's store even with another cwd: resolve it here.
-    cfg.tracking.uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    cfg.tracking.uri = tracking_store.resolve_tracking_uri(cfg.tracking.uri)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "resume": resume, "parent_run_id": parent_run_id,
@@ -366,10 +366,8 @@ def failed_result(exc: Exception, run_dir: str) -> SimpleNamespace:
 
 
 def summarize(cfg: Config, result, manifest: dict, seconds: float) -> dict[str, Any]:
-    from pipeline import tracking  # mlflow: ~2.4 s, kept off the --help / config-check path
-
     m = result.metrics or {}
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    uri = tracking_store.resolve_tracking_uri(cfg.tracking.uri)
     return {
         "rank1": m.get("rank1"), "mAP": m.get("mAP"), "rr_rank1": m.get("rr_rank1"), "rr_mAP": m.get("rr_mAP"),
         "epochs": m.get("epoch"), "global_step": m.get("global_step"), "skipped_samples": m.get("skipped_samples"),
@@ -408,7 +406,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def ui_hint(uri: str) -> str:
     """How to look at the run: the server's URL, or the command that serves a local store."""
-    from pipeline.tracking import strip_credentials  # imports mlflow (~2.4 s): lazy like the rest of tracking
+    from pipeline.redact import strip_credentials  # imports mlflow (~2.4 s): lazy like the rest of tracking
 
     if uri.startswith(("http://", "https://")):
         return strip_credentials(uri)

@@ -28,9 +28,10 @@ from typing import Any, Optional
 
 import yaml
 
-from pipeline import storage
-from pipeline.checkpoint import check_pretrained, ray_storage
+from pipeline import tracking_store, urls
+from pipeline.checkpoint import ray_storage
 from pipeline.config import Config, ConfigError, apply_overrides, load_config
+from pipeline.model_io import check_pretrained
 from pipeline.train import absolute_paths, build_trainer, prepare_data, set_env, shutdown_ray
 from pipeline.train import init_ray as init_train_ray
 from pipeline.search_space import (VARIANT_KEY, TuneSpec, is_finite_number, load_tune_config, num_trials,
@@ -132,10 +133,10 @@ def start_parent_run(spec: TuneSpec, uri: str, exp_path: str, *, reuse: bool) ->
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    from pipeline import tracking  # imports mlflow (~2.4 s): kept off the --help / config-check path
+    from pipeline import redact, tracking  # imports mlflow (~2.4 s): kept off the --help / config-check path
 
     client = MlflowClient(uri)
-    exp_id = tracking.ensure_experiment(uri, tracking.experiment_name(spec.base))
+    exp_id = tracking_store.ensure_experiment(uri, tracking_store.experiment_name(spec.base))
     found = reuse and client.search_runs([exp_id], filter_string=f"tags.`{PATH_TAG}` = '{exp_path}'",
                                          order_by=["attributes.start_time DESC"], max_results=1)
     if found:
@@ -145,7 +146,7 @@ def start_parent_run(spec: TuneSpec, uri: str, exp_path: str, *, reuse: bool) ->
     tags = tracking.run_tags(spec.base, {PATH_TAG: exp_path, "tune.search": spec.tune.name,
                                          "tune.search_alg": spec.tune.search_alg})
     run = client.create_run(exp_id, run_name=spec.tune.name, tags=tags)
-    params = [Param(k, v) for k, v in tracking.safe_params(parent_params(spec)).items()]
+    params = [Param(k, v) for k, v in redact.safe_params(parent_params(spec)).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i:i + 100])
     return run.info.run_id
@@ -273,14 +274,14 @@ def experiment_location(spec: TuneSpec) -> tuple[str, Any, str]:
     """``(path for Ray, pyarrow fs or None, URL)`` of ``storage_path/name``: Ray gets the path + fs
     (an S3 endpoint from ``AWS_ENDPOINT_URL`` needs its own fs), people and trials get the URL."""
     path, fs = ray_storage(spec.tune.storage_path)
-    root = spec.tune.storage_path if storage.is_s3(spec.tune.storage_path) else path
-    return f"{path}/{spec.tune.name}", fs, storage.join(root, spec.tune.name)
+    root = spec.tune.storage_path if urls.is_s3(spec.tune.storage_path) else path
+    return f"{path}/{spec.tune.name}", fs, urls.join(root, spec.tune.name)
 
 
 def output_dir(spec: TuneSpec) -> Path:
     if spec.tune.out:
         return Path(spec.tune.out).resolve()
-    if storage.is_s3(spec.tune.storage_path):
+    if urls.is_s3(spec.tune.storage_path):
         return Path("runs", "tune-out", spec.tune.name).resolve()
     return Path(experiment_location(spec)[0])
 
@@ -292,11 +293,9 @@ def run_search(spec: TuneSpec, *, resume: Optional[bool] = None, address: Option
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from pipeline import tracking  # imports mlflow (~2.4 s): kept off the --help / config-check path
-
     s = spec.tune
     # One absolute store for the driver and every trial's rank 0 (workers run in other directories).
-    uri = tracking.resolve_tracking_uri(spec.base.tracking.uri)
+    uri = tracking_store.resolve_tracking_uri(spec.base.tracking.uri)
     spec.base.tracking.uri = uri
     absolute_paths(spec.base)  # trial drivers and workers run in other directories
     prepare_data(spec.base)  # once, before trials race to generate the same synthetic set

@@ -17,8 +17,7 @@ from typing import Any
 import ray.train.torch  # also binds ray.train
 import torch
 
-from pipeline import checkpoint as ckpt_lib
-from pipeline import console, driver
+from pipeline import console, driver, model_io
 from pipeline.config import Config, config_from_dict
 from pipeline.deepspeed_engine import autocast_dtype, build_engine
 from pipeline.epoch import NonFiniteLossError, batches_per_epoch, run_epoch
@@ -64,7 +63,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     steps = batches_per_epoch(cfg, manifest.split("train").num_identities, world)
     # At least one per-step point per epoch, whatever the epoch length.
     cfg.tracking.log_every_steps = min(cfg.tracking.log_every_steps, steps)
-    model = ckpt_lib.build_model_from_config(cfg, manifest.num_classes)
+    model = model_io.build_model_from_config(cfg, manifest.num_classes)
     engine, precision, ds_cfg = build_engine(model, cfg, world_size=world,
                                              steps_per_epoch=steps // cfg.deepspeed.grad_accum)
     run = RunState(cfg=cfg, rank=rank, world=world, device=device, dtype=autocast_dtype(precision),

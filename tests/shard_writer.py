@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import storage
+from pipeline import storage, urls
 from pipeline.eval_data import eval_loader
 from pipeline.train_data import train_loader
 
@@ -86,7 +86,7 @@ def _write_dataset(url, splits: dict, *, ids_per_shard=2, tracklets_per_shard=3,
         for n, chunk in enumerate(chunks):
             name = f"{split}-{n:06d}.tar"
             data = _tar_bytes(split, chunk, layout)
-            storage.write_bytes(storage.join(url, name), data)
+            storage.write_bytes(urls.join(url, name), data)
             shards.append({"name": name, "bytes": len(data), "sha256": "",
                            "identities": sorted({t["pid"] for _, t in chunk}),
                            "num_tracklets": len(chunk),
@@ -94,7 +94,7 @@ def _write_dataset(url, splits: dict, *, ids_per_shard=2, tracklets_per_shard=3,
         man["splits"][split] = {"num_tracklets": len(tracks),
                                 "num_identities": len({t["pid"] for t in tracks}),
                                 "num_frames": sum(len(t["frames"]) for t in tracks), "shards": shards}
-    storage.write_bytes(storage.join(url, "manifest.json"), json.dumps(man).encode())
+    storage.write_bytes(urls.join(url, "manifest.json"), json.dumps(man).encode())
     return man
 
 
@@ -150,7 +150,7 @@ def _corrupt_dataset(url, tracks, split, bad_index, trunc_shard, tracklets_per_s
     tracks[bad_index]["frames"] = [b"\xff\xd8garbage"] + tracks[bad_index]["frames"][1:]
     man = _write_dataset(url, {split: tracks}, tracklets_per_shard=tracklets_per_shard, layout=layout)
     sh = man["splits"][split]["shards"][trunc_shard]
-    surl = storage.join(url, sh["name"])
+    surl = urls.join(url, sh["name"])
     raw = storage.read_bytes(surl)
     with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
         keys = [m for m in tf.getmembers() if m.name.endswith(".json")]

@@ -1,4 +1,5 @@
-"""Checkpoints without Ray: export/load round trip, manifests, ZeRO-3 detection, refusing pickled code.
+"""Training checkpoints without Ray: manifests, ZeRO-3 detection, refusing pickled code (the export
+round trip is in test_model_io.py).
 
 Training checkpoints come from real single-process DeepSpeed engines (gloo, world size 1), made in a
 spawned process so this process never holds a process group.
@@ -17,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline import checkpoint as ckpt_lib
+from pipeline import model_io
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import load_config
 from pipeline.train import free_port
@@ -41,7 +43,7 @@ def _engine(stage: int):
     dist.init_process_group("gloo", rank=0, world_size=1)
     cfg = _cfg(f"deepspeed.zero_stage={stage}")
     torch.manual_seed(0)
-    engine, _, _ = build_engine(ckpt_lib.build_model_from_config(cfg, NUM_CLASSES), cfg, world_size=1,
+    engine, _, _ = build_engine(model_io.build_model_from_config(cfg, NUM_CLASSES), cfg, world_size=1,
                                 steps_per_epoch=3)
     return engine, cfg
 
@@ -55,7 +57,7 @@ def _save_after_one_step(stage: int, out: str, q) -> None:
     engine.step()
     ckpt_lib.save(engine, out, rank=0, world_size=1, cfg=cfg,
                   meta={"epoch": 1, "global_step": 1, "num_classes": NUM_CLASSES, "mlflow_run_id": None})
-    q.put(_as_bytes(ckpt_lib.full_state_dict(engine) if stage < 3 else {}))
+    q.put(_as_bytes(model_io.full_state_dict(engine) if stage < 3 else {}))
 
 
 def _load_into_fresh_engine(directory: str, q) -> None:
@@ -66,7 +68,7 @@ def _load_into_fresh_engine(directory: str, q) -> None:
     except Exception as exc:  # reported to the test, which checks the type and the message
         q.put(("error", type(exc).__name__, str(exc)))
         return
-    q.put(("ok", meta, _as_bytes(ckpt_lib.full_state_dict(engine))))
+    q.put(("ok", meta, _as_bytes(model_io.full_state_dict(engine))))
 
 
 def _as_bytes(state: dict) -> bytes:
@@ -125,25 +127,12 @@ def _rewrite_manifest(directory: Path) -> None:
     ckpt_lib.write_manifest(str(directory), rank=0, world_size=1)
 
 
-def test_export_round_trip(tmp_path):
-    cfg = _cfg()
-    torch.manual_seed(0)
-    model = ckpt_lib.build_model_from_config(cfg, NUM_CLASSES)
-    ckpt_lib.export_model(model.state_dict(), cfg, str(tmp_path / "final"), num_classes=NUM_CLASSES,
-                          metrics={"mAP": 0.5}, provenance={"mlflow_run_id": "abc"})
-    loaded, cfg2, meta = ckpt_lib.load_any(str(tmp_path / "final"))
-    assert meta["num_classes"] == NUM_CLASSES and meta["metrics"] == {"mAP": 0.5} and meta["mlflow_run_id"] == "abc"
-    assert cfg2.model.embed_dim == cfg.model.embed_dim
-    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        torch.testing.assert_close(a, b, msg=k)
-
-
 def test_training_checkpoint_manifest_and_round_trip(stage1):
     out, weights = stage1
     man = json.loads(Path(out, "manifest.rank0.json").read_text())
     assert man["world_size"] == 1 and {"meta.json", "config.yaml", "ds/mp_rank_00_model_states.pt"} <= set(man["files"])
     assert ckpt_lib.verify(out) == []
-    model, cfg, meta = ckpt_lib.load_training_checkpoint(out)
+    model, cfg, meta = model_io.load_training_checkpoint(out)
     assert meta["epoch"] == 1 and cfg.model.kind == "sta"
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, weights[k].float() if v.is_floating_point() else weights[k], msg=k)
@@ -160,7 +149,7 @@ def test_verify_finds_missing_truncated_changed_and_missing_rank_files(stage1, c
     (ck / "config.yaml").unlink()
     assert any("config.yaml missing" in p for p in ckpt_lib.verify(str(ck)))
     with pytest.raises(CheckpointError, match="incomplete checkpoint.*config.yaml missing"):
-        ckpt_lib.load_training_checkpoint(str(ck))
+        model_io.load_training_checkpoint(str(ck))
     shutil.rmtree(ck)
 
     ck = copy_of(out)
@@ -190,7 +179,7 @@ def test_zero3_is_detected_and_refused_without_deepspeed(tmp_path):
     _spawn(_save_after_one_step, 3, out)
     assert ckpt_lib.verify(out) == [] and ckpt_lib.is_zero3(out)
     with pytest.raises(CheckpointError, match="ZeRO-3.*final/ or best/ export"):
-        ckpt_lib.load_training_checkpoint(out)
+        model_io.load_training_checkpoint(out)
 
 
 @pytest.mark.parametrize("victim", ["ds/mp_rank_00_model_states.pt", "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt"])
@@ -203,7 +192,7 @@ def test_crafted_pickle_is_refused_and_never_runs(stage1, copy_of, tmp_path, vic
     assert ckpt_lib.verify(str(ck)) == []
     if victim.startswith("ds/mp_rank"):
         with pytest.raises(CheckpointError, match="refused.*posix.system|refused.*os.system") as err:
-            ckpt_lib.load_training_checkpoint(str(ck))
+            model_io.load_training_checkpoint(str(ck))
         assert "weights_only" not in str(err.value)
     status, *rest = _spawn(_load_into_fresh_engine, str(ck))  # DeepSpeed's own reader, as --resume uses
     assert status == "error" and rest[0] == "CheckpointError" and "refused" in rest[1], rest

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_storage import s3_auth_server  # noqa: F401  (fixture)
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -75,7 +73,7 @@ def test_train_and_pack_endpoint_down_is_quick(tmp_path):
     _one_line(out, "pack failed: s3://b/shards: cannot reach the S3 endpoint")
 
 
-def test_train_no_and_wrong_credentials(s3_auth_server, tmp_path):  # noqa: F811
+def test_train_no_and_wrong_credentials(s3_auth_server, tmp_path):
     base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     none = {**base, "AWS_ENDPOINT_URL": s3_auth_server, "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
             "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true", "PYTHONPATH": str(ROOT)}

@@ -58,9 +58,9 @@ def _one_step(rank, world, port, overrides, clips, pids, out):
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from pipeline.checkpoint import build_model_from_config
     from pipeline.deepspeed_engine import build_engine
     from pipeline.epoch import train_step
+    from pipeline.model_io import build_model_from_config
 
     cfg = _cfg(*overrides, f"data.p={clips.shape[0] // world // 2}", "data.k=2")
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import storage
+from pipeline import storage, urls
 from pipeline.eval_data import eval_loader  # noqa: F401 (used through shard_writer._eval)
 from pipeline.reading import eval_assignment, shard_samples
 from pipeline.train_data import train_loader
@@ -98,7 +98,7 @@ def test_eval_bad_json_and_frame_count_are_counted(tmp_path, eval_set, layout):
     url = str(tmp_path)
     tracks = [dict(t) for t in eval_set["query"]]
     _write_dataset(url, {"query": tracks}, tracklets_per_shard=10, layout=layout)
-    raw = storage.read_bytes(storage.join(url, "query-000000.tar"))
+    raw = storage.read_bytes(urls.join(url, "query-000000.tar"))
     out = io.BytesIO()
     with tarfile.open(fileobj=io.BytesIO(raw)) as src, tarfile.open(fileobj=out, mode="w") as dst:
         for m in src.getmembers():
@@ -109,7 +109,7 @@ def test_eval_bad_json_and_frame_count_are_counted(tmp_path, eval_set, layout):
                 continue  # frame missing: n_frames disagrees
             m.size = len(data)
             dst.addfile(m, io.BytesIO(data))
-    storage.write_bytes(storage.join(url, "query-000000.tar"), out.getvalue())
+    storage.write_bytes(urls.join(url, "query-000000.tar"), out.getvalue())
     per, _, skipped = _eval_frames(_eval(url, "query", num_workers=0), 4)
     assert sorted(per) == [1, 3] and skipped == 2
 
@@ -117,7 +117,7 @@ def test_eval_bad_json_and_frame_count_are_counted(tmp_path, eval_set, layout):
 def test_eval_missing_shard_counted(tmp_path, eval_set):
     url = str(tmp_path)
     _write_dataset(url, {"gallery": eval_set["gallery"]}, tracklets_per_shard=5)
-    storage.remove(storage.join(url, "gallery-000001.tar"))
+    storage.remove(urls.join(url, "gallery-000001.tar"))
     per, _, skipped = _eval_frames(_eval(url, "gallery", num_workers=0), 4)
     assert sorted(per) == [0, 1, 2, 3, 4] and skipped == 1
 
@@ -127,7 +127,7 @@ def test_block_layout_damaged_frame_header_drops_only_its_sample(tmp_path):
     rng = np.random.default_rng(12)
     tracks = [{"pid": i, "camid": 0, "frames": [_jpeg(rng) for _ in range(5)]} for i in range(4)]
     _write_dataset(url, {"gallery": tracks}, tracklets_per_shard=4)
-    surl = storage.join(url, "gallery-000000.tar")
+    surl = urls.join(url, "gallery-000000.tar")
     raw = bytearray(storage.read_bytes(surl))
     with tarfile.open(fileobj=io.BytesIO(bytes(raw))) as tf:
         m = tf.getmember("gallery_0000001.002.jpg")  # a middle frame: only its own check sees it
@@ -179,7 +179,7 @@ def test_pack_round_trip_local(packed):
     # byte-equal at the tar level: the raw frames are the source files
     raw = {}
     for sh in man["splits"]["train"]["shards"]:
-        for _, meta, frames in shard_samples(storage.join(url, sh["name"])):
+        for _, meta, frames in shard_samples(urls.join(url, sh["name"])):
             raw[meta["index"]] = frames
     assert len(raw) == len(ds.train)
     for i, t in enumerate(ds.train):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import storage
+from pipeline import storage, urls
 from pipeline.transforms import decode_clips
 
 pytestmark = [pytest.mark.gpu,
@@ -74,7 +74,7 @@ def test_device_decode_loader_batches_match_loader_decode(tmp_path):
     for a, b in zip(ref, got, strict=True):
         assert b["clips"].device.type == "cuda" and torch.equal(a["pids"], b["pids"])
         assert (a["clips"].int() - b["clips"].cpu().int()).abs().float().mean() < 1.0
-    assert storage.exists(storage.join(url, "manifest.json"))
+    assert storage.exists(urls.join(url, "manifest.json"))
 
 
 def test_channels_last_bf16_forward_matches():

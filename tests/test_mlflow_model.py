@@ -17,8 +17,8 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline import tracking
-from pipeline.checkpoint import build_model_from_config
 from pipeline.config import load_config
+from pipeline.model_io import build_model_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline import pack as packmod
-from pipeline import storage
+from pipeline import s3_client, storage, urls
 from pipeline.datasets import load_dataset
 from pipeline.pack import PackError, main, pack
 from pipeline.synthetic import generate
@@ -25,7 +25,7 @@ def read_shards(out: str, manifest: dict) -> dict:
     for split, info in manifest["splits"].items():
         rows = []
         for sh in info["shards"]:
-            url = storage.join(out, sh["name"])
+            url = urls.join(out, sh["name"])
             assert storage.size(url) == sh["bytes"]
             assert hashlib.sha256(storage.read_bytes(url)).hexdigest() == sh["sha256"]
             samples = {}
@@ -85,7 +85,7 @@ def test_pack_dukev_local(tmp_path):
     m = pack("dukev", str(tmp_path / "duke"), out, progress=False)
     ds = load_dataset("dukev", str(tmp_path / "duke"))
     check_against_dataset(ds, out, m, "dukev")
-    assert json.loads(storage.read_bytes(storage.join(out, "manifest.json"))) == \
+    assert json.loads(storage.read_bytes(urls.join(out, "manifest.json"))) == \
         {k: v for k, v in m.items() if k != "transfer"}
     assert m["skipped"]["corrupt_images"] == 0 and m["resize"] is None
     assert sorted(os.listdir(out)) == ["gallery-000000.tar", "manifest.json", "query-000000.tar",
@@ -114,7 +114,7 @@ def test_pack_synthetic_s3_grouping_size_and_idempotence(s3_server, s3_bucket, t
     assert sorted(m["transfer"]["uploaded"]) == sorted(names) and m["transfer"]["reused"] == []
     assert len(got["query"]) == SMALL_SYNTHETIC["num_test_ids"]
 
-    c = storage.client()
+    c = s3_client.client()
 
     def stamps():
         return {n: c.head_object(Bucket=s3_bucket, Key=f"shards/synthetic/{n}")["LastModified"]
@@ -214,7 +214,7 @@ def test_cli_mars_and_errors(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     ds = load_dataset("mars", root)
     assert summary["splits"]["gallery"]["num_tracklets"] == len(ds.gallery)
-    m = json.loads(storage.read_bytes(storage.join(out, "manifest.json")))
+    m = json.loads(storage.read_bytes(urls.join(out, "manifest.json")))
     check_against_dataset(ds, out, m, "mars")
     assert sum(sh["num_tracklets"] for sh in m["splits"]["gallery"]["shards"]) == len(ds.gallery)
     assert {0} <= {r[2]["pid"] for r in read_shards(out, m)["gallery"]}  # distractors kept

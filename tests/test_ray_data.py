@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import pack, storage
+from pipeline import pack, storage, urls
 from pipeline.shards import read_manifest
 
 
@@ -61,7 +61,7 @@ def test_plain_read_of_the_prefix_fails(ray_local, packed):
     import ray.data
 
     url, _ = packed
-    assert storage.exists(storage.join(url, "manifest.json"))
+    assert storage.exists(urls.join(url, "manifest.json"))
     with pytest.raises(Exception):
         ray.data.read_webdataset(url, decoder=False).take_all()
 

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from pipeline import shard_cache, storage
+from pipeline import s3_client, shard_cache, storage
 from pipeline.eval_data import eval_loader
 from pipeline.reading import shard_samples
 from pipeline.shards import read_manifest
@@ -47,7 +47,7 @@ def test_first_read_publishes_a_verified_copy_and_later_reads_map_it(s3_bucket, 
     assert _files(cache) == [f"{want[1][:2]}/{want[1]}.tar"]  # the rest was read too, then published
     assert bytes(cache.map(url)) == data
     # the copy is read even once the object is gone
-    storage.client().delete_object(Bucket=s3_bucket, Key="a.tar")
+    s3_client.client().delete_object(Bucket=s3_bucket, Key="a.tar")
     assert bytes(cache.map(url)) == data
 
 
@@ -159,8 +159,8 @@ def test_loaders_read_s3_shards_once_then_from_the_cache(packed, s3_bucket, tmp_
     # evaluation caches its shards too, and then reads nothing from S3
     q = eval_loader(url, "query", clip_len=3, height=16, width=8, num_workers=0, cache_dir=cache_dir)
     first = [(b["index"].clone(), b["clips"].clone()) for b in q]
-    for obj in storage.client().list_objects_v2(Bucket=s3_bucket, Prefix="syn/query-")["Contents"]:
-        storage.client().delete_object(Bucket=s3_bucket, Key=obj["Key"])
+    for obj in s3_client.client().list_objects_v2(Bucket=s3_bucket, Prefix="syn/query-")["Contents"]:
+        s3_client.client().delete_object(Bucket=s3_bucket, Key=obj["Key"])
     q = eval_loader(url, "query", clip_len=3, height=16, width=8, num_workers=0, cache_dir=cache_dir)
     again = [(b["index"].clone(), b["clips"].clone(), b["skipped"]) for b in q]
     assert len(first) == len(again) and all(s == 0 for *_, s in again)

@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from pipeline import pack, shards, storage
+from pipeline import pack, shards, storage, urls
 from pipeline.shards import Manifest, frame_layout, make_sample, member_bytes, read_manifest
 from pipeline.train_data import train_loader
 from shard_writer import H, W, _write_dataset, eval_set  # noqa: F401
@@ -74,7 +74,7 @@ def test_manifest_read_once_passed_down(tmp_path, eval_set, monkeypatch):
     with pytest.raises(dataclasses.FrozenInstanceError):
         man.url = "x"
     g = man.split("gallery")
-    assert g.urls == tuple(storage.join(url, f"gallery-{i:06d}.tar") for i in range(4))
+    assert g.urls == tuple(urls.join(url, f"gallery-{i:06d}.tar") for i in range(4))
     assert g.tracklets() == dict(zip(g.urls, (3, 3, 3, 1)))
     reads = []
     monkeypatch.setattr(storage, "read_bytes", lambda u: reads.append(u))  # no further reads
@@ -116,7 +116,7 @@ def test_stock_webdataset_reads_pack_output(packed):
 
     url, man, ds = packed
     for split in ("train", "query", "gallery"):
-        names = [storage.join(url, s["name"]) for s in man["splits"][split]["shards"]]
+        names = [urls.join(url, s["name"]) for s in man["splits"][split]["shards"]]
         assert len(names) > 1
         got = list(wds.WebDataset(names, shardshuffle=False).decode())
         tracks = ds.split(split)

@@ -62,7 +62,7 @@ def _checkpoint_steps(run_dir: Path) -> dict[int, int]:
 
 def test_train_end_to_end_s3_checkpoints_mlflow(tiny_shards, s3_bucket, tmp_path, ray_shutdown, monkeypatch):
     from pipeline import storage
-    from pipeline.checkpoint import load_any
+    from pipeline.model_io import load_any
     from pipeline.train import main
 
     monkeypatch.chdir(tmp_path)
@@ -389,6 +389,7 @@ def test_final_evaluation_failure_keeps_the_epoch_and_final_export(tiny_shards, 
     and the run fails naming the evaluation error (no epoch is trained again)."""
     from faults import eval_failure_loop, use_loop
     from pipeline import checkpoint as ckpt_lib
+    from pipeline import model_io
 
     use_loop(monkeypatch, eval_failure_loop())
     monkeypatch.chdir(tmp_path)
@@ -402,5 +403,5 @@ def test_final_evaluation_failure_keeps_the_epoch_and_final_export(tiny_shards, 
     assert "checkpoint_epoch_0002 and final/ kept" in err, err
     run_dir = tmp_path / "runs" / "evfail"
     assert ckpt_lib.verify(str(run_dir / "checkpoint_epoch_0002")) == []
-    model, _, meta = ckpt_lib.load_any(str(run_dir / "final"))
+    model, _, meta = model_io.load_any(str(run_dir / "final"))
     assert meta["metrics"] == {} and model is not None

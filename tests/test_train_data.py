@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import storage
+from pipeline import storage, urls
 from pipeline.train_data import LoaderSpec, train_loader
 from pipeline.sampling import train_shard_assignment
 from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_clips
@@ -113,7 +113,7 @@ def test_train_corrupt_jpeg_and_truncated_tar_skipped_and_counted(tmp_path, layo
             t["frames"] = [b"\xff\xd8garbage"] * len(t["frames"])
     man = _write_dataset(url, {"train": tracks}, ids_per_shard=2, layout=layout)
     # cut shard 3 (pids 6, 7) inside pid 6's second tracklet: pid 7 is lost, pid 6 keeps one
-    surl = storage.join(url, man["splits"]["train"]["shards"][3]["name"])
+    surl = urls.join(url, man["splits"]["train"]["shards"][3]["name"])
     raw = storage.read_bytes(surl)
     with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
         js = [m for m in tf.getmembers() if m.name.endswith(".json")]

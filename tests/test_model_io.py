@@ -1,12 +1,13 @@
-"""model.pretrained from an earlier run's export: trunk weights only, mismatch errors, driver check."""
+"""pipeline.model_io: the export/load round trip, and model.pretrained from an earlier run's export (trunk
+weights only, mismatch errors, the driver's check)."""
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline.checkpoint import (build_model_from_config, check_pretrained, export_model, is_export,
-                                 load_pretrained_trunk)
+from pipeline.model_io import (build_model_from_config, check_pretrained, export_model, is_export, load_any,
+                               load_exported, load_pretrained_trunk)
 from pipeline.config import ConfigError, load_config
 from sta_model.model import build_model
 
@@ -22,6 +23,19 @@ def _export(tmp_path, kind="temporal_pooling", trunk="tiny", num_classes=7, **me
     url = str(tmp_path / "pre" / "final")
     export_model(model.state_dict(), cfg, url, num_classes=num_classes, provenance=meta)
     return url, model
+
+
+def test_export_round_trip(tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    torch.manual_seed(0)
+    model = build_model_from_config(cfg, 8)
+    export_model(model.state_dict(), cfg, str(tmp_path / "final"), num_classes=8,
+                 metrics={"mAP": 0.5}, provenance={"mlflow_run_id": "abc"})
+    loaded, cfg2, meta = load_any(str(tmp_path / "final"))
+    assert meta["num_classes"] == 8 and meta["metrics"] == {"mAP": 0.5} and meta["mlflow_run_id"] == "abc"
+    assert cfg2.model.embed_dim == cfg.model.embed_dim
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
 
 
 def test_trunk_loads_from_an_export_and_head_stays_fresh(tmp_path):
@@ -89,8 +103,6 @@ def test_export_meta_carries_provenance(tmp_path):
 def test_an_older_versions_export_still_loads(tmp_path):
     """Exports written before a config key was removed (failure.inject_at_epoch) load with a warning."""
     import yaml
-
-    from pipeline.checkpoint import load_exported
 
     url, model = _export(tmp_path)
     raw = yaml.safe_load((Path(url) / "config.yaml").read_text())
