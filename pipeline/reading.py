@@ -4,11 +4,12 @@
 
 Tar to samples is webdataset's own stage (``tar_file_expander`` + ``group_by_keys``, i.e.
 ``tarfile_to_samples`` over streams we open) with handlers that feed ``Skips``, except for
-shards in memory (local, or a verified copy in the shard cache) whose samples carry
-``frame_bytes``: there ``block_samples`` takes each tracklet's frames as one block and slices a
-frame out only when it is used (training decodes ~1 frame in 10; docs/performance.md §2 has the
-bench that keeps this stage). A sample that does not fit that layout hands the rest of the shard
-to the stock stage.
+samples that carry ``frame_bytes`` (``pipeline.pack``'s layout): there ``block_samples`` takes
+each tracklet's frames as one block and slices a frame out only when it is used (training
+decodes ~1 frame in 10; docs/performance.md §2 has the bench that keeps this stage). Shards in
+memory (local, or a verified copy in the shard cache) give it slices of the mapping; streamed
+shards (S3 without the cache) one read per block. A sample that does not fit that layout hands
+itself and the rest of the shard to the stock stage.
 
 Bad input never crashes a reader and is never lost silently: each of these counts 1 in ``Skips``
 (and is logged): a bad sample (missing/invalid json, frame count != ``n_frames``); the rest of a
@@ -108,61 +109,119 @@ class Frames:
 
 
 class _Fallback(Exception):
-    """The sample at byte ``offset`` does not fit the block layout."""
+    """The sample that starts with ``taken`` (the bytes read of it so far) does not fit the
+    block layout: the reader hands ``taken`` plus the rest of the shard to the stock stage."""
 
-    def __init__(self, offset: int):
-        self.offset = offset
+    def __init__(self, taken: list):
+        self.taken = taken
 
 
-def block_samples(view) -> Iterator[tuple[str, dict, Frames]]:
-    """``(key, meta, frames)`` of a shard in memory whose samples carry ``frame_bytes``: one tar
-    header parsed per tracklet (``tarfile.TarInfo.frombuf``, checksum included), its frames one
-    block. Raises ``_Fallback(offset)`` at the first sample that does not fit (no json first, no
-    ``frame_bytes``, pax or long-name headers, a frame not where the json says) and TarError
-    where the shard ends without its end-of-archive block."""
-    off, n = 0, len(view)
-    while True:
-        hdr = bytes(view[off:off + BLOCK])
-        if len(hdr) < BLOCK:
-            raise tarfile.ReadError(f"truncated: ends at byte {n} without end-of-archive")
-        if hdr == _ZERO_BLOCK:
-            return
+def _ustar_header(hdr: bytes) -> tuple[str, int] | None:
+    """``(name, size)`` of a plain ustar regular-file header with a valid checksum, else None
+    (the caller then asks ``tarfile``). ``pack`` writes only such headers; parsing the three
+    fields here costs a fifth of ``TarInfo.frombuf`` (docs/performance.md §2, item 20)."""
+    if hdr[156] not in (48, 0) or hdr[257:263] != b"ustar\0" or hdr[345] or hdr[124] & 0x80:
+        return None  # not a regular file, not ustar, a name prefix, a base-256 size
+    try:
+        chksum = int(hdr[148:156].split(b"\0", 1)[0].strip() or b"x", 8)
+        size = int(hdr[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return None
+    if chksum != sum(hdr) - sum(hdr[148:156]) + 8 * 32:  # the checksum field counts as spaces
+        return None
+    return hdr[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape"), size
+
+
+def _json_member(hdr: bytes) -> tuple[str, int] | None:
+    """``(key, size)`` when ``hdr`` is the header of a ``<key>.json`` regular file."""
+    parsed = _ustar_header(hdr)
+    if parsed is None:
         try:
             info = tarfile.TarInfo.frombuf(hdr, "utf-8", "surrogateescape")
         except tarfile.HeaderError:
-            raise _Fallback(off) from None
-        key, dot, ext = info.name.partition(".")
-        if not (info.isreg() and dot and ext == "json") or off + BLOCK + info.size > n:
-            raise _Fallback(off)
+            return None
+        if not info.isreg():
+            return None
+        parsed = info.name, info.size
+    key, dot, ext = parsed[0].partition(".")
+    return (key, parsed[1]) if dot and ext == "json" else None
+
+
+def block_samples(read) -> Iterator[tuple[str, dict, Frames]]:
+    """``(key, meta, frames)`` of a shard whose samples carry ``frame_bytes``: one tar header
+    parsed per tracklet (checksum included), its frames one block, sliced when used.
+
+    ``read(n)`` returns the shard's next ``n`` bytes (fewer only at its end): memoryview slices
+    of a shard in memory (no copy) or a stream's ``read``. Raises ``_Fallback`` at the first
+    sample that does not fit (no json first, no ``frame_bytes``, pax or long-name headers, a
+    frame not where the json says, a cut shard) and TarError where the shard ends without its
+    end-of-archive block."""
+    while True:
+        hdr = read(BLOCK)
+        taken = [hdr]
+        if len(hdr) < BLOCK:
+            raise _Fallback(taken)  # the stock stage reports the truncation
+        hdr = bytes(hdr)
+        if hdr == _ZERO_BLOCK:
+            return
+        if (member := _json_member(hdr)) is None:
+            raise _Fallback(taken)
+        key, size = member
+        data = read(member_bytes(size) - BLOCK)
+        taken.append(data)
         try:
-            meta = json.loads(bytes(view[off + BLOCK:off + BLOCK + info.size]))
+            meta = json.loads(bytes(data[:size])) if len(data) >= size else None
         except ValueError:
-            raise _Fallback(off) from None
+            meta = None
         if (layout := frame_layout(meta)) is None:
-            raise _Fallback(off)
+            raise _Fallback(taken)
         sizes, offsets, total = layout
-        start = off + member_bytes(info.size)
-        frames = Frames(key, view[start:start + total], sizes, offsets)
-        if start + total > n or not (frames.name_ok(0) and frames.name_ok(len(sizes) - 1)):
-            raise _Fallback(off)  # a frame missing, extra headers, a cut shard...
+        block = read(total)
+        taken.append(block)
+        frames = Frames(key, block, sizes, offsets)
+        if len(block) < total or not (frames.name_ok(0) and frames.name_ok(len(sizes) - 1)):
+            raise _Fallback(taken)  # a frame missing, extra headers, a cut shard...
         yield key, meta, frames
-        off = start + total
 
 
-class _ViewReader(io.RawIOBase):
-    """A file over a memoryview, for the stock stage after a fallback (no copy of the shard)."""
+def _view_read(view):
+    """``read(n)`` over a memoryview: slices, no copies."""
+    pos = 0
 
-    def __init__(self, view):
-        self.view, self.pos = view, 0
+    def read(n: int):
+        nonlocal pos
+        out = view[pos:pos + n]
+        pos += len(out)
+        return out
+    return read, lambda: view[pos:]
+
+
+class _ChainReader(io.RawIOBase):
+    """A file that reads ``parts`` (bytes-likes), then ``rest`` (a file): the stock stage's input
+    after a fallback, starting at the sample the block stage gave back."""
+
+    def __init__(self, parts: list, rest=None):
+        self.parts, self.rest = [memoryview(p) for p in parts if len(p)], rest
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
-        k = min(len(b), len(self.view) - self.pos)
-        b[:k] = self.view[self.pos:self.pos + k]
-        self.pos += k
-        return k
+        while self.parts:
+            head = self.parts[0]
+            k = min(len(b), len(head))
+            b[:k] = head[:k]
+            if k == len(head):
+                self.parts.pop(0)
+            else:
+                self.parts[0] = head[k:]
+            if k:
+                return k
+        if self.rest is None:
+            return 0
+        data = self.rest.read(len(b))
+        b[:len(data)] = data
+        return len(data)
 
 
 def stock_samples(f, url: str, on_error) -> Iterator[dict]:
@@ -224,31 +283,41 @@ def shard_samples(url, skips: Skips | None = None, *, part: int = 0, parts: int 
         elif (got := take(*held)) is not None:
             yield (pos - 1, *got)
 
+    def blocks_then_stock(read, rest) -> Iterator:
+        """The block stage; from a sample that does not fit, the stock stage."""
+        nonlocal pos
+        try:
+            for key, meta, frames in block_samples(read):
+                mine, pos = pos % parts == part, pos + 1
+                if not mine:
+                    continue
+                try:
+                    check_meta(key, meta)
+                except ValueError as e:
+                    if skips is None:
+                        raise
+                    skips.add("sample", where, e)
+                    continue
+                yield pos - 1, meta, frames
+        except _Fallback as fb:  # the rest as any WebDataset shard
+            yield from stock(io.BufferedReader(_ChainReader(fb.taken, rest()), 1 << 20))
+
     try:
         view = storage.map_local(url)  # local shards: only the pages used are touched
         if view is None and cache is not None:
             view = cache.map(url)
-        if view is not None and blocks:
-            it = block_samples(view)
-            try:
-                for key, meta, frames in it:
-                    mine, pos = pos % parts == part, pos + 1
-                    if mine:
-                        try:
-                            check_meta(key, meta)
-                        except ValueError as e:
-                            if skips is None:
-                                raise
-                            skips.add("sample", where, e)
-                            continue
-                        yield pos - 1, meta, frames
-            except _Fallback as fb:  # the rest as any WebDataset shard
-                yield from stock(io.BufferedReader(_ViewReader(view[fb.offset:]), 1 << 20))
-        elif view is not None:
-            yield from stock(io.BufferedReader(_ViewReader(view), 1 << 20))
+        if view is not None:
+            if blocks:
+                read, rest = _view_read(view)
+                yield from blocks_then_stock(read, lambda: _ChainReader([rest()]))
+            else:
+                yield from stock(io.BufferedReader(_ChainReader([view]), 1 << 20))
         else:
             with cache.filling(url) if cache is not None else storage.open_read(url) as f:
-                yield from stock(f)
+                if blocks:  # a streamed shard: each tracklet's block is one read
+                    yield from blocks_then_stock(f.read, lambda: f)
+                else:
+                    yield from stock(f)
     except READ_ERRORS as e:
         if skips is None:
             raise

@@ -9,7 +9,8 @@ import tarfile
 import pytest
 
 from pipeline import storage
-from pipeline.reading import Skips, eval_assignment, shard_samples
+from pipeline import reading
+from pipeline.reading import Skips, _ustar_header, eval_assignment, shard_samples
 from shard_writer import LAYOUTS, _jpeg, _make_tracklets, _tar_bytes, _write_dataset, eval_set  # noqa: F401
 
 
@@ -24,20 +25,29 @@ def tracks():
     return _make_tracklets(21, 4, 2, frames=(1, 6))
 
 
+@pytest.fixture(params=["mapped", "streamed"])
+def source(request, monkeypatch):
+    """Every test reads its shard both ways: memory-mapped (local files, cached copies) and
+    streamed (S3 without the cache: ``storage.open_read``)."""
+    if request.param == "streamed":
+        monkeypatch.setattr(storage, "map_local", lambda url: None)
+    return request.param
+
+
 def _want(tracks):
     return [(i, i, t["frames"]) for i, t in enumerate(tracks)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("blocks", [True, False])
-def test_reads_every_sample_byte_equal(tmp_path, tracks, layout, blocks):
+def test_reads_every_sample_byte_equal(tmp_path, tracks, layout, blocks, source):
     url = str(tmp_path / "s.tar")
     storage.write_bytes(url, _tar_bytes("train", list(enumerate(tracks)), layout))
     assert _read(url, blocks=blocks, expected=len(tracks)) == (_want(tracks), 0)
 
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
-def test_any_tar_writer(tmp_path, tracks, fmt):
+def test_any_tar_writer(tmp_path, tracks, fmt, source):
     """Any WebDataset writer's tar (GNU long names, pax records, directories) reads alike."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
@@ -58,7 +68,7 @@ def test_any_tar_writer(tmp_path, tracks, fmt):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_a_cut_anywhere_is_counted_once_and_the_samples_before_it_kept(tmp_path, tracks, layout):
+def test_a_cut_anywhere_is_counted_once_and_the_samples_before_it_kept(tmp_path, tracks, layout, source):
     raw = _tar_bytes("train", list(enumerate(tracks)), layout)
     with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
         members = tf.getmembers()
@@ -78,7 +88,7 @@ def test_a_cut_anywhere_is_counted_once_and_the_samples_before_it_kept(tmp_path,
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_a_corrupt_header_is_counted_once(tmp_path, tracks, layout):
+def test_a_corrupt_header_is_counted_once(tmp_path, tracks, layout, source):
     raw = _tar_bytes("train", list(enumerate(tracks)), layout)
     with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
         js = [m for m in tf.getmembers() if m.name.endswith(".json")]
@@ -94,7 +104,7 @@ def test_a_corrupt_header_is_counted_once(tmp_path, tracks, layout):
         list(shard_samples(url, None, expected=len(tracks)))  # without a counter: errors raise
 
 
-def test_block_stage_hands_the_rest_of_a_shard_to_the_stock_stage(tmp_path, tracks):
+def test_block_stage_hands_the_rest_of_a_shard_to_the_stock_stage(tmp_path, tracks, source):
     """A sample without frame_bytes mid-shard (another writer appended to it): read member by member."""
     a = _tar_bytes("train", list(enumerate(tracks[:3])), "block")[:-1024].rstrip(b"\0")
     a += bytes(-len(a) % 512)
@@ -104,7 +114,53 @@ def test_block_stage_hands_the_rest_of_a_shard_to_the_stock_stage(tmp_path, trac
     assert _read(url, expected=len(tracks)) == (_want(tracks), 0)
 
 
-def test_parts_split_a_shard_by_position(tmp_path, tracks):
+def test_the_block_stage_reads_packed_shards_mapped_and_streamed(tmp_path, tracks, source, monkeypatch):
+    """pack's layout never reaches the stock stage (which parses and copies every frame member),
+    whether the shard is in memory or streamed."""
+    url = str(tmp_path / "s.tar")
+    storage.write_bytes(url, _tar_bytes("train", list(enumerate(tracks)), "block"))
+
+    def no_stock(*a, **k):
+        raise AssertionError("the stock stage was used")
+    monkeypatch.setattr(reading, "stock_samples", no_stock)
+    assert _read(url, expected=len(tracks)) == (_want(tracks), 0)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_header_fast_path_agrees_with_tarfile(fmt):
+    """``_ustar_header`` gives tarfile's name and size for a plain ustar regular-file header and
+    declines (None: tarfile decides) anything else: other types, name prefixes, pax/GNU
+    extension records, GNU headers, base-256 sizes, a bad checksum."""
+    cases = [("a.json", 0, tarfile.REGTYPE), ("b.000.jpg", 12345, tarfile.REGTYPE),
+             ("x" * 95 + ".json", 1, tarfile.REGTYPE),
+             ("p" * 60 + "/" + "n" * 60 + ".json", 3, tarfile.REGTYPE), ("dir", 0, tarfile.DIRTYPE),
+             ("huge.json", 8 ** 11 + 5, tarfile.REGTYPE), ("ü.json", 2, tarfile.REGTYPE)]
+    fast = 0
+    for name, size, kind in cases:
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.type = size, kind
+        try:
+            raw = ti.tobuf(fmt, "utf-8", "surrogateescape")
+        except ValueError:  # ustar cannot hold it
+            continue
+        if len(raw) > 512:  # a pax / GNU long-name record first: it is never taken (what follows
+            assert _ustar_header(raw[:512]) is None  # it is read by tarfile, after the fallback)
+            continue
+        hdr = raw
+        info = tarfile.TarInfo.frombuf(hdr, "utf-8", "surrogateescape")
+        got = _ustar_header(hdr)
+        if got is not None:
+            fast += 1
+            assert info.isreg() and got == (info.name, info.size) == (name, size)
+            bad = bytearray(hdr)
+            bad[0] ^= 1
+            assert _ustar_header(bytes(bad)) is None  # the checksum no longer fits
+        else:  # declined: not a plain regular file as tarfile reads it
+            assert kind != tarfile.REGTYPE or fmt == tarfile.GNU_FORMAT or "/" in name or size >= 8 ** 11
+    assert fast == (0 if fmt == tarfile.GNU_FORMAT else 3 + (fmt == tarfile.USTAR_FORMAT))
+
+
+def test_parts_split_a_shard_by_position(tmp_path, tracks, source):
     url = str(tmp_path / "s.tar")
     storage.write_bytes(url, _tar_bytes("train", list(enumerate(tracks)), "block"))
     parts = [_read(url, part=q, parts=3)[0] for q in range(3)]
