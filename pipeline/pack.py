@@ -168,9 +168,9 @@ def pack(dataset: str, root: str, out: str, *, shard_bytes: int = 256 << 20, res
                 "resize": list(resize) if resize else None, "num_classes": ds.num_train_pids,
                 "splits": {}, "skipped": skipped}
     if dataset == "synthetic":  # the generator's parameters: a config asking for other data can tell
-        from pipeline.synthetic import _read_marker
+        from pipeline.synthetic import read_marker
 
-        manifest["synthetic"] = (_read_marker(root) or {}).get("params")
+        manifest["synthetic"] = (read_marker(root) or {}).get("params")
     uploaded, reused = [], []
     total = sum(len(ds.split(s)) for s in SPLITS)
     bar = tqdm(total=total, unit="tracklet", desc=f"pack {dataset}", disable=not progress)

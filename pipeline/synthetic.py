@@ -230,7 +230,17 @@ def _render_tracklet(ident: dict, cam: dict, seed: int, key: tuple, n_frames: in
 
 
 # --------------------------------------------------------------------------- generation
-def _params(**kw) -> dict:
+def generator_params(**kw) -> dict:
+    """The generator's full, validated parameters: ``DEFAULTS`` updated by ``kw``, with
+    ``frames_per_tracklet`` as ``[min, max]``. They are what the marker (and pack's manifest)
+    record, so a config can tell whether existing data was made with the parameters it asks for.
+
+    Args:
+        **kw: any of ``generate``'s keyword arguments.
+
+    Raises:
+        ValueError: naming the parameter that is out of range.
+    """
     p = dict(DEFAULTS)
     p.update(kw)
     fpt = p["frames_per_tracklet"]
@@ -252,7 +262,13 @@ def _params(**kw) -> dict:
     return p
 
 
-def _read_marker(root: str) -> dict | None:
+def read_marker(root: str) -> dict | None:
+    """The marker of a finished generation under ``root`` (format, parameters, summary), or None
+    when there is none (never generated, or interrupted: the marker is written last).
+
+    Args:
+        root (str): the generated tree (local path).
+    """
     try:
         with open(os.path.join(root, MARKER)) as f:
             return json.load(f)
@@ -272,12 +288,12 @@ def generate(root: str, *, num_ids: int = DEFAULTS["num_ids"],
     cameras while there are enough; per test id, tracklet 1 (one camera) is the query and the
     others (other cameras) the gallery. Returns a summary dict (counts, parameters, seconds,
     ``reused``: True if a complete generation with the same parameters was already there)."""
-    p = _params(num_ids=num_ids, tracklets_per_id=tracklets_per_id,
-                frames_per_tracklet=frames_per_tracklet, height=height, width=width,
-                num_cameras=num_cameras, num_test_ids=num_test_ids,
-                occlusion_prob=occlusion_prob, seed=seed)
+    p = generator_params(num_ids=num_ids, tracklets_per_id=tracklets_per_id,
+                         frames_per_tracklet=frames_per_tracklet, height=height, width=width,
+                         num_cameras=num_cameras, num_test_ids=num_test_ids,
+                         occlusion_prob=occlusion_prob, seed=seed)
     root = os.path.abspath(root)
-    marker = _read_marker(root)
+    marker = read_marker(root)
     if marker and marker.get("format") == FORMAT and marker.get("params") == p \
             and not os.path.exists(os.path.join(root, PARTIAL)):
         return {**marker["summary"], "reused": True}

@@ -25,7 +25,7 @@ from pipeline.epoch import batches_per_epoch
 from pipeline.model_io import check_pretrained
 from pipeline.pack import pack
 from pipeline.shards import read_manifest
-from pipeline.synthetic import _params, _read_marker, generate
+from pipeline.synthetic import generate, generator_params, read_marker
 from sta_model.threads import usable_cpus
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic.yaml"
@@ -100,10 +100,10 @@ def synthetic_mismatch(cfg: Config, manifest: dict) -> Optional[str]:
     if cfg.data.dataset != "synthetic" or not cfg.data.prepare:
         return None
     s = cfg.data.synthetic
-    want = _params(num_ids=s.num_ids, num_test_ids=s.num_test_ids, tracklets_per_id=s.tracklets_per_id,
-                   frames_per_tracklet=(s.min_frames, s.max_frames), height=s.height, width=s.width,
-                   num_cameras=s.num_cameras, occlusion_prob=s.occlusion_prob, seed=s.seed)
-    have = manifest.get("synthetic") or (_read_marker(cfg.data.root) or {}).get("params")
+    want = generator_params(num_ids=s.num_ids, num_test_ids=s.num_test_ids, tracklets_per_id=s.tracklets_per_id,
+                            frames_per_tracklet=(s.min_frames, s.max_frames), height=s.height, width=s.width,
+                            num_cameras=s.num_cameras, occlusion_prob=s.occlusion_prob, seed=s.seed)
+    have = manifest.get("synthetic") or (read_marker(cfg.data.root) or {}).get("params")
     if not have:
         return None
     return ", ".join(f"{k} {have.get(k)} -> {v}" for k, v in want.items() if have.get(k) != v) or None
