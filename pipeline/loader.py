@@ -8,8 +8,9 @@ normalised float32, or decodes JPEGs shipped undecoded (``decode="device"``).
 Buffer reuse (docs/performance.md §2, items 9 and 11): a fresh shared-memory batch costs
 thousands of page faults where refilling a used one costs few, and a shared-memory tensor sent
 again costs a file-descriptor hand-over per batch; so each worker keeps a ring of buffers, ships
-each buffer once and later batches in it as ``(slot, shape)``, and refills a buffer only once
-the consumer's array over it has died (a finalizer). ``make_loader(reuse=False)`` turns it off.
+each buffer once and later batches in it by buffer id (``_buffer``, ``_shape``, ``_offset``), and
+refills a buffer only once the consumer's array over it has died (a finalizer).
+``make_loader(reuse=False)`` turns it off.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class WorkerStream(IterableDataset):
     def __init__(self, fn, length: int | None = None, epoch: int | None = None):
         self.fn, self.length, self.epoch = fn, length, epoch
         self.flags, self.ring_size = None, 0
-        self.by_buffer = False  # ship batches in ring buffers the consumer holds as (slot, shape)
+        self.by_buffer = False  # ship a ring buffer once, later batches in it by buffer id (_ship_by_buffer)
         self.ring: BatchRing | None = None
 
     def __iter__(self):
@@ -71,45 +72,45 @@ class BatchRing:
         self.flags = flags.numpy() if flags is not None else None  # None: no reuse
         self.base, self.size, self.shared = base, size, shared
         self.bufs: list[torch.Tensor] = []
-        self.sent: set[int] = set()  # slots whose buffer the consumer has received (_ship_by_buffer)
+        self.sent: set[int] = set()  # ids of the buffers the consumer has received (_ship_by_buffer)
 
     def get(self, shape) -> tuple[torch.Tensor, np.ndarray, int]:
-        """``(tensor, numpy view, slot)``; slot -1: a buffer outside the ring."""
+        """``(tensor, numpy view, buffer_id)``; buffer_id -1: a buffer outside the ring."""
         if self.flags is not None:
             for i, t in enumerate(self.bufs):
                 if self.flags[self.base + i] == 0 and t.shape == shape:
                     self.flags[self.base + i] = 1
                     return t, t.numpy(), self.base + i
         t = frame_buffer(shape, shared=self.shared)  # off-aligned: cached stores when decoding into it
-        slot = -1
+        buffer_id = -1
         if self.flags is not None and len(self.bufs) < self.size:
-            slot = self.base + len(self.bufs)
+            buffer_id = self.base + len(self.bufs)
             self.bufs.append(t)
-            self.flags[slot] = 1
-        return t, t.numpy(), slot
+            self.flags[buffer_id] = 1
+        return t, t.numpy(), buffer_id
 
 
-def _release(flags: np.ndarray, slot: int) -> None:
-    flags[slot] = 0
+def _release(flags: np.ndarray, buffer_id: int) -> None:
+    flags[buffer_id] = 0
 
 
 def _ship_by_buffer(batches, ring: BatchRing):
-    """Worker side of shipping by slot: a batch in a ring buffer carries ``_shape`` and ``_offset``
+    """Worker side of shipping by buffer id: a batch in a ring buffer carries ``_shape`` and ``_offset``
     (its clips are the buffer's leading rows, at that offset in its storage); once the consumer has been sent a buffer, later batches in it
     travel without the tensor. Sending a shared-memory tensor again would cost a file-descriptor
     hand-over (a socket connection with an authentication round trip) and a fresh mapping in the
     consumer for every batch; ``Normalized.convert`` keeps each buffer mapped instead."""
     for b in batches:
-        slot = b.get("_buffer", -1)
-        if slot >= 0:
+        buffer_id = b.get("_buffer", -1)
+        if buffer_id >= 0:
             clips = b["clips"]
-            buf = ring.bufs[slot - ring.base]
+            buf = ring.bufs[buffer_id - ring.base]
             assert clips.data_ptr() == buf.data_ptr() and clips.is_contiguous(), "clips must lead their buffer"
             b["_shape"], b["_offset"] = tuple(clips.shape), clips.storage_offset()
-            if slot in ring.sent:
+            if buffer_id in ring.sent:
                 del b["clips"]
             else:
-                ring.sent.add(slot)
+                ring.sent.add(buffer_id)
             del clips, buf
         yield b
 
@@ -133,7 +134,7 @@ class Normalized:
         self.length = getattr(loader.dataset, "length", None)
         flags = getattr(loader.dataset, "flags", None)  # BatchRing's flags, shared with the workers
         self.flags = flags.numpy() if flags is not None else None
-        self.slots: dict[int, np.ndarray] = {}  # shipping by slot: each ring buffer, mapped once
+        self.mapped: dict[int, np.ndarray] = {}  # by buffer id: each ring buffer shipped to us, mapped once
         self._running = None  # a persistent loader's one DataLoader iterator (torch reuses it)
         self._handed: weakref.WeakSet = weakref.WeakSet()  # its Batches, let go of by close()
 
@@ -163,19 +164,19 @@ class Normalized:
             batches.close()
         if self.persistent:
             self.loader = None
-        self.slots.clear()  # batches handed out keep their buffers mapped (their arrays refer to them)
+        self.mapped.clear()  # batches handed out keep their buffers mapped (their arrays refer to them)
 
     def convert(self, b: dict) -> dict:
-        slot, shape, off = b.pop("_buffer", -1), b.pop("_shape", None), b.pop("_offset", 0)
-        if shape is not None:  # shipped by slot (_ship_by_buffer): a fresh array over the buffer
+        buffer_id, shape, off = b.pop("_buffer", -1), b.pop("_shape", None), b.pop("_offset", 0)
+        if shape is not None:  # shipped by buffer id (_ship_by_buffer): a fresh array over the buffer
             if "clips" in b:  # the buffer's first batch brings the buffer
                 storage = b.pop("clips").untyped_storage()
-                self.slots[slot] = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
-            arr = self.slots[slot][off:off + math.prod(shape)].reshape(shape)
+                self.mapped[buffer_id] = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+            arr = self.mapped[buffer_id][off:off + math.prod(shape)].reshape(shape)
             b["clips"] = torch.from_numpy(arr)  # its storage holds ``arr``: arr dies with the last view
-            weakref.finalize(arr, _release, self.flags, slot)
-        elif slot >= 0:  # the worker may refill this buffer once nothing here refers to it any more
-            weakref.finalize(b["clips"].untyped_storage(), _release, self.flags, slot)
+            weakref.finalize(arr, _release, self.flags, buffer_id)
+        elif buffer_id >= 0:  # the worker may refill this buffer once nothing here refers to it any more
+            weakref.finalize(b["clips"].untyped_storage(), _release, self.flags, buffer_id)
         if "jpegs" in b:
             clips, replaced = decode_clips(np.require(b.pop("jpegs"), requirements="W"), b.pop("offsets"),
                                            b.pop("flips"), b.pop("erase"), pids=b["pids"], **self.decode)

@@ -1,5 +1,5 @@
 """pipeline.loader: batch buffers reused only once released (held batches and views survive), shipped
-once then by slot; persistent loaders fork once; close() stops the worker processes."""
+once then by buffer id; persistent loaders fork once; close() stops the worker processes."""
 from __future__ import annotations
 
 import types
@@ -66,18 +66,18 @@ def test_held_batches_and_views_survive_buffer_reuse(train_dir, eval_set, tmp_pa
 
 
 def test_ring_buffers_shipped_once_then_by_buffer():
-    """After a ring buffer's first batch, its batches travel as (slot, shape) without the tensor;
+    """After a ring buffer's first batch, its batches travel by buffer id (and shape) without the tensor;
     the consumer hands out arrays over the buffer it mapped once, releases the buffer when the
     last of them (or of their views) dies, and batches outside the ring still bring their tensor."""
     flags = torch.zeros(4, dtype=torch.int32)
-    ring = BatchRing(flags, 2, 2, shared=False)  # this worker's slots: 2 and 3
+    ring = BatchRing(flags, 2, 2, shared=False)  # this worker's buffer ids: 2 and 3
     loader = types.SimpleNamespace(dataset=types.SimpleNamespace(flags=flags))
     consumer = Normalized(loader, (0, 0, 0), (1, 1, 1), normalize=False, pin=False)
 
     def produce(i, rows=2):
-        t, u8, slot = ring.get((2, 3))
+        t, u8, buffer_id = ring.get((2, 3))
         u8[:] = i
-        return next(_ship_by_buffer(iter([{"clips": t[:rows], "_buffer": slot}]), ring))
+        return next(_ship_by_buffer(iter([{"clips": t[:rows], "_buffer": buffer_id}]), ring))
 
     b0 = produce(0)
     assert b0["_buffer"] == 2 and "clips" in b0 and b0["_shape"] == (2, 3)  # brings its buffer
@@ -87,10 +87,10 @@ def test_ring_buffers_shipped_once_then_by_buffer():
     del c0
     assert int(flags[2]) == 0  # released: the worker may refill it
     b1 = produce(1)
-    assert b1["_buffer"] == 2 and "clips" not in b1 and b1["_shape"] == (2, 3)  # by slot
+    assert b1["_buffer"] == 2 and "clips" not in b1 and b1["_shape"] == (2, 3)  # by buffer id
     c1 = consumer.convert(b1).pop("clips")
     assert c1.data_ptr() == ptr and bool((c1 == 1).all())
-    b2 = produce(2, rows=1)  # slot 2 is held: a new buffer, slot 3, brought with the batch
+    b2 = produce(2, rows=1)  # buffer 2 is held: a new buffer, id 3, brought with the batch
     assert b2["_buffer"] == 3 and "clips" in b2 and b2["_shape"] == (1, 3)
     c2 = consumer.convert(b2).pop("clips")
     assert c2.shape == (1, 3) and bool((c2 == 2).all())
