@@ -7,6 +7,7 @@ import uuid
 import pytest
 
 from pipeline.train import free_port  # one helper for servers and process groups on loopback
+from tests.fixtures_data import packed_synthetic
 
 # Keep every Ray node on 127.0.0.1 and MLflow quiet; set before any test imports Ray or MLflow.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -77,3 +78,12 @@ def s3_auth_server():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def packed_small(tmp_path_factory):
+    """``(shard dir, manifest, Dataset)``: 6 + 3 ids, 1-7 frames a tracklet, several shards per split.
+
+    Shared by the tests of the shard format and of the loaders that read it; read-only."""
+    return packed_synthetic(tmp_path_factory, num_ids=6, tracklets_per_id=2, frames_per_tracklet=(1, 7),
+                            num_test_ids=3, seed=0)

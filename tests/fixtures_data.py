@@ -13,6 +13,27 @@ SMALL_SYNTHETIC = dict(num_ids=6, tracklets_per_id=3, frames_per_tracklet=(3, 5)
                        width=16, num_cameras=3, num_test_ids=4, seed=0)
 
 
+def packed_synthetic(tmp_path_factory, *, shard_bytes: int = 8 << 10, **generate_kw) -> tuple[str, dict, object]:
+    """A small synthetic dataset generated and packed by ``pipeline.pack`` into several shards per split.
+
+    Args:
+        tmp_path_factory: pytest's, for the raw tree and the shard directory.
+        shard_bytes (int): the packer's target shard size (small: several shards per split).
+        **generate_kw: ``pipeline.synthetic.generate`` arguments (16x8 images unless given).
+
+    Returns:
+        ``(shard directory, pack's manifest, the raw tree's Dataset)``.
+    """
+    from pipeline import pack, synthetic
+    from pipeline.datasets import load_dataset
+
+    root = str(tmp_path_factory.mktemp("syn"))
+    synthetic.generate(root, **{"height": 16, "width": 8, **generate_kw})
+    out = str(tmp_path_factory.mktemp("shards"))
+    man = pack.pack("synthetic", root, out, shard_bytes=shard_bytes, progress=False)
+    return out, man, load_dataset("synthetic", root)
+
+
 def tiny_jpeg(seed: int, height: int = 32, width: int = 16) -> bytes:
     """A distinct small JPEG per seed (so byte-equality checks mean something)."""
     rng = np.random.default_rng(seed)

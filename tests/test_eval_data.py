@@ -144,21 +144,6 @@ def test_block_layout_damaged_frame_header_drops_only_its_sample(tmp_path):
     assert sorted(per) == [0, 2] and skipped == 2
 
 
-@pytest.fixture(scope="module")
-def packed(tmp_path_factory):
-    """A tiny synthetic dataset packed by pipeline.pack into several shards per split."""
-    pack = pytest.importorskip("pipeline.pack")
-    from pipeline import synthetic
-    from pipeline.datasets import load_dataset
-
-    root = str(tmp_path_factory.mktemp("syn"))
-    synthetic.generate(root, num_ids=6, tracklets_per_id=2, frames_per_tracklet=(1, 7), height=16,
-                       width=8, num_test_ids=3, seed=0)
-    out = str(tmp_path_factory.mktemp("shards"))
-    man = pack.pack("synthetic", root, out, shard_bytes=8 << 10, progress=False)
-    return out, man, load_dataset("synthetic", root)
-
-
 def _check_eval_against_source(url, ds, split, **kw):
     per, meta, skipped = _eval_frames(_eval(url, split, **kw), 4)
     tracks = ds.split(split)
@@ -171,8 +156,8 @@ def _check_eval_against_source(url, ds, split, **kw):
         assert meta[i] == (t.pid, t.camid)
 
 
-def test_pack_round_trip_local(packed):
-    url, man, ds = packed
+def test_pack_round_trip_local(packed_small):
+    url, man, ds = packed_small
     assert len(man["splits"]["gallery"]["shards"]) > 1
     for split in ("query", "gallery"):
         _check_eval_against_source(url, ds, split, num_workers=2, clips_per_batch=3)
@@ -189,8 +174,8 @@ def test_pack_round_trip_local(packed):
     assert len(b) == 2 and all(sorted(Counter(x["pids"].tolist()).values()) == [2, 2, 2] for x in b)
 
 
-def test_pack_round_trip_s3(packed, s3_bucket):
-    url, _, ds = packed
+def test_pack_round_trip_s3(packed_small, s3_bucket):
+    url, _, ds = packed_small
     s3 = f"s3://{s3_bucket}/syn"
     storage.upload_dir(url, s3)
     _check_eval_against_source(s3, ds, "gallery", num_workers=2, world_size=1)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import pack, storage, urls
+from pipeline import storage, urls
 from pipeline.shards import read_manifest
+from tests.fixtures_data import packed_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +29,10 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
-    from pipeline import synthetic
-    from pipeline.datasets import load_dataset
-
-    root = str(tmp_path_factory.mktemp("syn"))
-    synthetic.generate(root, num_ids=4, tracklets_per_id=2, frames_per_tracklet=(1, 5), height=16,
-                       width=8, num_test_ids=2, seed=5)
-    out = str(tmp_path_factory.mktemp("shards"))
-    pack.pack("synthetic", root, out, shard_bytes=4 << 10, progress=False)
-    return out, load_dataset("synthetic", root)
+    """``(shard dir, Dataset)``: ragged tracklets down to one frame in the train and query splits."""
+    url, _, ds = packed_synthetic(tmp_path_factory, num_ids=4, tracklets_per_id=2, frames_per_tracklet=(1, 5),
+                                  num_test_ids=2, seed=5, shard_bytes=4 << 10)
+    return url, ds
 
 
 def test_read_split_every_tracklet_and_frame(ray_local, packed):

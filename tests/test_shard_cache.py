@@ -14,6 +14,7 @@ from pipeline.eval_data import eval_loader
 from pipeline.reading import shard_samples
 from pipeline.shards import read_manifest
 from pipeline.train_data import train_loader
+from tests.fixtures_data import packed_synthetic
 
 
 def _put(bucket: str, name: str, data: bytes) -> tuple[str, tuple[int, str]]:
@@ -120,14 +121,9 @@ def test_for_manifest_only_caches_remote_prefixes(tmp_path):
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
-    from pipeline import pack, synthetic
-
-    root = str(tmp_path_factory.mktemp("syn"))
-    synthetic.generate(root, num_ids=8, tracklets_per_id=2, frames_per_tracklet=(2, 8), height=16,
-                       width=8, num_test_ids=3, seed=1)
-    out = str(tmp_path_factory.mktemp("shards"))
-    pack.pack("synthetic", root, out, shard_bytes=8 << 10, progress=False)
-    return out
+    """A packed synthetic dataset's shard directory (2-8 frames a tracklet)."""
+    return packed_synthetic(tmp_path_factory, num_ids=8, tracklets_per_id=2, frames_per_tracklet=(2, 8),
+                            num_test_ids=3, seed=1)[0]
 
 
 def test_loaders_read_s3_shards_once_then_from_the_cache(packed, s3_bucket, tmp_path):

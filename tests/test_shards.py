@@ -96,25 +96,12 @@ def test_split_counts(tmp_path, eval_set):
         man.split("val")
 
 
-@pytest.fixture(scope="module")
-def packed(tmp_path_factory):
-    from pipeline import synthetic
-    from pipeline.datasets import load_dataset
-
-    root = str(tmp_path_factory.mktemp("syn"))
-    synthetic.generate(root, num_ids=6, tracklets_per_id=2, frames_per_tracklet=(1, 7), height=16,
-                       width=8, num_test_ids=3, seed=0)
-    out = str(tmp_path_factory.mktemp("shards"))
-    man = pack.pack("synthetic", root, out, shard_bytes=8 << 10, progress=False)
-    return out, man, load_dataset("synthetic", root)
-
-
-def test_stock_webdataset_reads_pack_output(packed):
+def test_stock_webdataset_reads_pack_output(packed_small):
     """Every tracklet, every frame (byte-equal to its source file), pid and camid, through the stock
     library alone: wds.WebDataset over the shard list."""
     import webdataset as wds
 
-    url, man, ds = packed
+    url, man, ds = packed_small
     for split in ("train", "query", "gallery"):
         names = [urls.join(url, s["name"]) for s in man["splits"][split]["shards"]]
         assert len(names) > 1
