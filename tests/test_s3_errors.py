@@ -1,7 +1,6 @@
 """pipeline.s3_errors: the pre-flight ``check`` and one-line errors that name the URL."""
 from __future__ import annotations
 
-
 import pytest
 
 from pipeline import s3_errors, storage
