@@ -80,7 +80,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline import pack as packmod
-from pipeline import storage, synthetic
+from pipeline import s3_client, storage, synthetic
 from pipeline.datasets import load_dataset
 from pipeline.train import free_port
 from pipeline.train_data import train_loader
@@ -291,7 +291,7 @@ def main(argv=None) -> int:
                           AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
         for attempt in range(100):  # until the server listens
             try:
-                storage.client().create_bucket(Bucket="bench")
+                s3_client.client().create_bucket(Bucket="bench")
                 break
             except Exception:  # noqa: BLE001 - connection refused while it starts
                 if attempt == 99 or server.poll() is not None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.redact import strip_credentials
-from pipeline.tracking import _to_float
+from pipeline.tracking import metric_value
 import sta_model
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def log_model(tracker, model, cfg, *, name: str = "model", registered_model: Opt
                                                     tracker.run_id).version
         if metrics:
             now = int(time.time() * 1000)
-            items = [Metric(k, _to_float(k, v), now, 0, model_id=logged.model_id)
+            items = [Metric(k, metric_value(k, v), now, 0, model_id=logged.model_id)
                      for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)]
             tracker._send("link model metrics", client.log_batch, tracker.run_id, metrics=items)
         return info

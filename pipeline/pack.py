@@ -42,6 +42,7 @@ from PIL import Image
 from pipeline import s3_errors, storage, urls
 from pipeline.shards import FORMAT, MANIFEST, SHARD_RE, SPLITS, frame_name, member_bytes, sample_key, shard_name
 from pipeline.datasets import DatasetError, Tracklet, load_dataset
+from pipeline.synthetic import generate, read_marker
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,6 @@ def pack(dataset: str, root: str, out: str, *, shard_bytes: int = 256 << 20, res
                 "resize": list(resize) if resize else None, "num_classes": ds.num_train_pids,
                 "splits": {}, "skipped": skipped}
     if dataset == "synthetic":  # the generator's parameters: a config asking for other data can tell
-        from pipeline.synthetic import read_marker
-
         manifest["synthetic"] = (read_marker(root) or {}).get("params")
     uploaded, reused = [], []
     total = sum(len(ds.split(s)) for s in SPLITS)
@@ -271,7 +270,6 @@ def main(argv=None) -> int:
         return 2
     try:
         if a.dataset == "synthetic" and not os.path.exists(os.path.join(a.root, "synthetic.json")):
-            from pipeline.synthetic import generate
             log.info("no synthetic dataset at %s: generating the default one", a.root)
             generate(a.root)
         m = pack(a.dataset, a.root, a.out, shard_bytes=int(a.shard_size_mb * 2**20),

@@ -64,14 +64,14 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def _truncate(text: str, limit: int) -> str:
+def truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _sanitize(mapping: Mapping[str, Any], limit: int) -> dict[str, str]:
     out = {}
     for key, value in redact(dict(mapping)).items():
-        out[str(key)] = _truncate(_as_text(value), limit)
+        out[str(key)] = truncate(_as_text(value), limit)
     return out
 
 

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
-from pipeline import storage
+from pipeline import storage, urls
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class ShardCache:
 
     def path(self, url: str) -> str | None:
         """Where ``url``'s copy lives (whether or not it is there yet); None if not cacheable."""
-        want = self.expected.get(url) if storage.is_s3(url) else None
+        want = self.expected.get(url) if urls.is_s3(url) else None
         if want is None:
             return None
         digest = want[1]
@@ -185,8 +185,8 @@ def for_manifest(url, split_info: dict, cache_dir: str | None, max_gb: float) ->
     prefix, which needs none)."""
     if not max_gb > 0:
         raise ValueError(f"cache_gb must be > 0, got {max_gb}")
-    if not cache_dir or not storage.is_s3(url):
+    if not cache_dir or not urls.is_s3(url):
         return None
-    expected = {storage.join(url, s["name"]): (int(s["bytes"]), str(s["sha256"]))
+    expected = {urls.join(url, s["name"]): (int(s["bytes"]), str(s["sha256"]))
                 for s in split_info["shards"] if s.get("sha256") and s.get("bytes") is not None}
     return ShardCache(os.path.abspath(cache_dir), int(max_gb * (1 << 30)), expected)

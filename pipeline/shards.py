@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import storage
+from pipeline import storage, urls
 
 FORMAT = "sta-reid-shards/1"
 MANIFEST = "manifest.json"
@@ -140,14 +140,14 @@ class Manifest:
             raise ValueError(f"{self.url}: the manifest has no {name!r} split")
         s = self.raw["splits"][name]
         shards = tuple(s["shards"])
-        return Split(name, tuple(storage.join(self.url, sh["name"]) for sh in shards), shards,
+        return Split(name, tuple(urls.join(self.url, sh["name"]) for sh in shards), shards,
                      int(s["num_tracklets"]), int(s["num_identities"]), int(s["num_frames"]))
 
 
 def read_manifest(url) -> Manifest:
     """The dataset at ``url``. FileNotFoundError "not a dataset (no manifest.json)" if there is
     none, ValueError if it is not a ``FORMAT`` manifest."""
-    murl = storage.join(url, MANIFEST)
+    murl = urls.join(url, MANIFEST)
     try:
         raw = storage.read_bytes(murl)
     except FileNotFoundError:

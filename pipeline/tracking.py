@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
-from pipeline.redact import MAX_TAG_VAL_LENGTH, _truncate, redact, safe_params, safe_tags, strip_credentials
+from pipeline.redact import MAX_TAG_VAL_LENGTH, redact, safe_params, safe_tags, strip_credentials, truncate
 from pipeline.tracking_store import bound_http_retries, ensure_experiment, experiment_name, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def run_tags(cfg, extra: Optional[Mapping[str, Any]] = None) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- values
 
-def _to_float(key: str, value: Any) -> float:
+def metric_value(key: str, value: Any) -> float:
     """Python/numpy/torch scalar → float (one-element tensors/arrays only)."""
     if hasattr(value, "detach"):  # torch tensor
         if value.numel() != 1:
@@ -272,7 +272,7 @@ class Tracker:
         if changed:
             log.warning("run %s: config changed on resume for %s; logged as param_changed.* tags",
                         self.run_id, sorted(changed))
-            self._set_tags({f"param_changed.{k}": _truncate(v, MAX_TAG_VAL_LENGTH) for k, v in changed.items()})
+            self._set_tags({f"param_changed.{k}": truncate(v, MAX_TAG_VAL_LENGTH) for k, v in changed.items()})
         items = [Param(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), _BATCH_PARAMS):
             self._send("log params", self._client.log_batch, self.run_id, params=items[i:i + _BATCH_PARAMS])
@@ -303,7 +303,7 @@ class Tracker:
         now = int(time.time() * 1000)
         logged: dict[str, float] = {}
         for key, value in metrics.items():
-            v = _to_float(key, value)
+            v = metric_value(key, value)
             if not math.isfinite(v):
                 log.warning("run %s step %d: metric %s is %s, not logged", self.run_id, step, key, v)
                 continue

@@ -225,11 +225,11 @@ def test_cli_mars_and_errors(tmp_path, capsys):
 
 
 def test_cli_generates_synthetic(tmp_path, monkeypatch, capsys):
-    import pipeline.synthetic as syn
+    import pipeline.pack as packmod
 
     # the CLI generates the defaults; route its call to the small config to stay fast
-    real = syn.generate
-    monkeypatch.setattr(syn, "generate", lambda root: real(root, **SMALL_SYNTHETIC))
+    real = packmod.generate
+    monkeypatch.setattr(packmod, "generate", lambda root: real(root, **SMALL_SYNTHETIC))
     root, out = str(tmp_path / "syn"), str(tmp_path / "shards")
     assert main(["--dataset", "synthetic", "--root", root, "--out", out, "--quiet"]) == 0
     assert os.path.exists(os.path.join(root, "synthetic.json"))
