@@ -3,14 +3,14 @@
 #   scripts/ablation.sh                 # pretraining (if absent), all sweeps, then the report
 #   scripts/ablation.sh variants        # only the named sweeps (configs/ablation/<name>.yaml)
 # Order: the pretraining run (configs/pretrain-synthetic.yaml) makes the trunk every run starts from; then
-# the sweeps by priority: the main comparison, from scratch, lambda, fusion/map, N, K. Outputs (data,
+# the sweeps by priority: the main comparison, from scratch, at 3x the budget, lambda, fusion/map, N, K. Outputs (data,
 # checkpoints, MLflow store) stay under the git-ignored data/ and runs/; a sweep is restored from
 # runs/ablation/<name>: finished trials are kept, an interrupted sweep continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0
 sweeps=("$@")
-[ ${#sweeps[@]} -gt 0 ] || sweeps=(variants scratch lambda_reg fusion clip_len stripes)
+[ ${#sweeps[@]} -gt 0 ] || sweeps=(variants scratch budget lambda_reg fusion clip_len stripes)
 mkdir -p runs/ablation runs/pretrain
 if [ ! -f runs/pretrain/pretrain-synthetic/final/meta.json ]; then
   echo "== pretraining the trunk (configs/pretrain-synthetic.yaml)"
