@@ -77,7 +77,7 @@ def log_model(tracker, model, cfg, *, name: str = "model", registered_model: Opt
             out = model(torch.as_tensor(input_example))
         signature = infer_signature(input_example, out.numpy() if torch.is_tensor(out) else None)
         reqs = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
-        client = tracker._client
+        client = tracker.client
         # The LoggedModel is created in this run's experiment, its files saved locally and uploaded
         # through the tracker's client (what mlflow.pytorch.log_model does through the global URI).
         logged = client.create_logged_model(tracker.experiment_id, name=name, source_run_id=tracker.run_id)
@@ -108,7 +108,7 @@ def log_model(tracker, model, cfg, *, name: str = "model", registered_model: Opt
             now = int(time.time() * 1000)
             items = [Metric(k, metric_value(k, v), now, 0, model_id=logged.model_id)
                      for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)]
-            tracker._send("link model metrics", client.log_batch, tracker.run_id, metrics=items)
+            tracker.send("link model metrics", client.log_batch, tracker.run_id, metrics=items)
         return info
     except Exception as exc:  # noqa: BLE001 - a finished run keeps its checkpoints and exports
         log.warning("run %s: logging the MLflow model failed: %s", tracker.run_id,

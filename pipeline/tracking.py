@@ -207,7 +207,7 @@ class Tracker:
                 log.warning("run %s: %d metric values could not be sent to MLflow", self.run_id, len(self._pending))
             self._down_until = 0.0
             # The driver closes the run too (pipeline.driver.close_run) if this fails.
-            self._send("end run", self._client.set_terminated, self.run_id, status=status)
+            self.send("end run", self._client.set_terminated, self.run_id, status=status)
         self._started = False
 
     def __enter__(self) -> "Tracker":
@@ -221,13 +221,19 @@ class Tracker:
         else:
             self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
 
+    @property
+    def client(self):
+        """The run's ``MlflowClient`` (bound to this tracker's URI, not the process-global one); None
+        before :meth:`start` or when tracking is disabled."""
+        return self._client
+
     def _active(self) -> bool:
         if not self._started:
             raise RuntimeError("Tracker.start() has not been called")
         return self.enabled
 
     # -- params / tags / metrics
-    def _send(self, what: str, fn, *args, **kwargs) -> bool:
+    def send(self, what: str, fn, *args, **kwargs) -> bool:
         """Call the store; an outage is a warning, never an exception, and blocks the caller at most one
         bounded attempt per :data:`OUTAGE_BACKOFF_S` (training must not stall on tracking)."""
         now = time.monotonic()
@@ -252,7 +258,7 @@ class Tracker:
 
         items = [RunTag(k, v) for k, v in tags.items()]
         for i in range(0, len(items), _BATCH_PARAMS):
-            self._send("set tags", self._client.log_batch, self.run_id, tags=items[i:i + _BATCH_PARAMS])
+            self.send("set tags", self._client.log_batch, self.run_id, tags=items[i:i + _BATCH_PARAMS])
 
     def log_params(self, cfg) -> None:
         """Log ``cfg.flat()`` redacted. On a resumed run, params already stored are not re-sent, and a
@@ -275,7 +281,7 @@ class Tracker:
             self._set_tags({f"param_changed.{k}": truncate(v, MAX_TAG_VAL_LENGTH) for k, v in changed.items()})
         items = [Param(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), _BATCH_PARAMS):
-            self._send("log params", self._client.log_batch, self.run_id, params=items[i:i + _BATCH_PARAMS])
+            self.send("log params", self._client.log_batch, self.run_id, params=items[i:i + _BATCH_PARAMS])
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> dict[str, float]:
         """Log scalar metrics at ``step`` in one batch; non-finite values are skipped with a warning.
@@ -316,7 +322,7 @@ class Tracker:
             del self._pending[:len(self._pending) - MAX_PENDING_METRICS]
         while self._pending:
             batch = self._pending[:_BATCH_METRICS]
-            if not self._send("log metrics", self._client.log_batch, self.run_id, metrics=batch):
+            if not self.send("log metrics", self._client.log_batch, self.run_id, metrics=batch):
                 break
             del self._pending[:len(batch)]
 
@@ -329,13 +335,13 @@ class Tracker:
         if not p.exists():
             raise FileNotFoundError(p)
         if p.is_dir():
-            self._send("log artifacts", self._client.log_artifacts, self.run_id, str(p), artifact_path)
+            self.send("log artifacts", self._client.log_artifacts, self.run_id, str(p), artifact_path)
         else:
-            self._send("log artifact", self._client.log_artifact, self.run_id, str(p), artifact_path)
+            self.send("log artifact", self._client.log_artifact, self.run_id, str(p), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self._active():
-            self._send("log text", self._client.log_text, self.run_id, text, artifact_file)
+            self.send("log text", self._client.log_text, self.run_id, text, artifact_file)
 
     def log_config(self, cfg) -> None:
         """The merged config as ``config.yaml`` (credentials redacted; loads with ``load_config``)."""
