@@ -149,7 +149,8 @@ MLFLOW_URI="http://127.0.0.1:$MLF_PORT"
 # README's --runtime-env-json, with our tracking URI; the user and git expansions exactly as written there.
 RUNTIME_ENV='{"excludes": [".git", "data", "runs", "mlruns", "mlartifacts", "mlflow.db", ".venv"],
     "env_vars": {"MLFLOW_TRACKING_URI": "'"$MLFLOW_URI"'",
-                 "STA_GIT_COMMIT": "'"$(git rev-parse HEAD)"'", "STA_USER": "'"${USER:-$(id -un)}"'"}}'
+                 "STA_GIT_COMMIT": "'"$(git rev-parse HEAD)"'", "STA_USER": "'"${USER:-$(id -un)}"'",
+                 "STA_GIT_DIRTY": "'"$(test -z "$(git status --porcelain --untracked-files=no)" && echo false || echo true)"'"}}'
 SUBMIT=(ray job submit --address "$RAY_ADDRESS" --working-dir . --runtime-env-json "$RUNTIME_ENV"
         -- python -m pipeline.train --config configs/tiny.yaml data.root="$WALK/raw" data.shards=s3://walk-data/tiny
         checkpoint.storage_path=s3://walk-runs/sta optim.epochs=1 tracking.log_model=false)
