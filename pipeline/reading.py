@@ -154,8 +154,8 @@ def block_samples(read) -> Iterator[tuple[str, dict, Frames]]:
     ``read(n)`` returns the shard's next ``n`` bytes (fewer only at its end): memoryview slices
     of a shard in memory (no copy) or a stream's ``read``. Raises ``_Fallback`` at the first
     sample that does not fit (no json first, no ``frame_bytes``, pax or long-name headers, a
-    frame not where the json says, a cut shard) and TarError where the shard ends without its
-    end-of-archive block."""
+    frame not where the json says, a cut shard, a shard that ends without its end-of-archive
+    block): the stock stage then reads that sample and the rest, and reports the damage."""
     while True:
         hdr = read(BLOCK)
         taken = [hdr]
