@@ -222,6 +222,43 @@ def test_submit_to_a_running_head(slurm, tmp_path):
 
 
 @pytest.mark.slow
+def test_submit_script_waits_for_a_head_that_is_still_starting(tmp_path):
+    """sta-submit.sbatch against a head that is not up yet (no Slurm needed: the script runs under bash):
+    refused connections and "No available agent" are retried until the head takes the job."""
+    from test_job_submit import _base_env, stop_processes_under
+
+    tmp_ray = f"/tmp/rss{os.getpid()}"  # short: Ray's socket paths must stay under 107 characters
+    port, dash = free_port(), free_port()
+    env = _base_env(RAY_AUTH_MODE="token", STA_WORKDIR=str(REPO), RAY_HEAD=f"127.0.0.1:{dash}",
+                    RAY_SUBMIT_TIMEOUT="600", STA_FORWARD_ENV="", ENTRYPOINT="echo STA_RETRY_OK")
+    log = tmp_path / "submit.log"
+    with open(log, "w") as f:
+        submit = subprocess.Popen(["bash", str(SLURM / "sta-submit.sbatch")], env=env, stdout=f,
+                                  stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        deadline = time.time() + 60
+        while "submitting again" not in log.read_text() and time.time() < deadline:
+            assert submit.poll() is None, log.read_text()[-3000:]
+            time.sleep(1)
+        assert "submitting again" in log.read_text(), log.read_text()[-3000:]  # nothing listens yet
+        r = subprocess.run([str(VENV_BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=1",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--node-ip-address=127.0.0.1",
+                            # the job agent's default port may be held by another Ray on this machine
+                            f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                            f"--temp-dir={tmp_ray}", "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        rc = submit.wait(timeout=900)
+        text = log.read_text()
+        assert rc == 0 and "STA_RETRY_OK" in text, text[-3000:]
+        assert "ray job sta-local-" in text and "exit code 0" in text, text[-3000:]
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+        stop_processes_under(tmp_ray)
+
+
+@pytest.mark.slow
 def test_sbatch_trains_tiny_config_and_logs_to_mlflow(slurm, tmp_path):
     for mod in ("pipeline.train", "pipeline.pack", "pipeline.tracking"):
         if importlib.util.find_spec(mod) is None:
