@@ -19,29 +19,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+
+import psutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tree_cpu() -> float:
     """CPU seconds of this process and its live children (the loader process)."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    total = r.ru_utime + r.ru_stime
-    tick = os.sysconf("SC_CLK_TCK")
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid():
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+    me = psutil.Process()
+    return sum(me.cpu_times()[:2]) + sum(sum(c.cpu_times()[:2]) for c in me.children())
 
 
 def side(shards: str, epochs: int) -> None:
