@@ -116,35 +116,15 @@ class _Fallback(Exception):
         self.taken = taken
 
 
-def _ustar_header(hdr: bytes) -> tuple[str, int] | None:
-    """``(name, size)`` of a plain ustar regular-file header with a valid checksum, else None
-    (the caller then asks ``tarfile``). ``pack`` writes only such headers; parsing the three
-    fields here costs a fifth of ``TarInfo.frombuf`` (docs/performance.md §2, item 20)."""
-    if hdr[156] not in (48, 0) or hdr[257:263] != b"ustar\0" or hdr[345] or hdr[124] & 0x80:
-        return None  # not a regular file, not ustar, a name prefix, a base-256 size
-    try:
-        chksum = int(hdr[148:156].split(b"\0", 1)[0].strip() or b"x", 8)
-        size = int(hdr[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-    except ValueError:
-        return None
-    if chksum != sum(hdr) - sum(hdr[148:156]) + 8 * 32:  # the checksum field counts as spaces
-        return None
-    return hdr[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape"), size
-
-
 def _json_member(hdr: bytes) -> tuple[str, int] | None:
-    """``(key, size)`` when ``hdr`` is the header of a ``<key>.json`` regular file."""
-    parsed = _ustar_header(hdr)
-    if parsed is None:
-        try:
-            info = tarfile.TarInfo.frombuf(hdr, "utf-8", "surrogateescape")
-        except tarfile.HeaderError:
-            return None
-        if not info.isreg():
-            return None
-        parsed = info.name, info.size
-    key, dot, ext = parsed[0].partition(".")
-    return (key, parsed[1]) if dot and ext == "json" else None
+    """``(key, size)`` when ``hdr`` is the header of a ``<key>.json`` regular file (parsed and
+    checksummed by ``tarfile``)."""
+    try:
+        info = tarfile.TarInfo.frombuf(hdr, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return None
+    key, dot, ext = info.name.partition(".")
+    return (key, info.size) if info.isreg() and dot and ext == "json" else None
 
 
 def block_samples(read) -> Iterator[tuple[str, dict, Frames]]:

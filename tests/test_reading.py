@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import storage
 from pipeline import reading
-from pipeline.reading import Skips, _ustar_header, eval_assignment, shard_samples
+from pipeline.reading import Skips, eval_assignment, shard_samples
 from shard_writer import LAYOUTS, _jpeg, _make_tracklets, _tar_bytes, _write_dataset, eval_set  # noqa: F401
 
 
@@ -124,40 +124,6 @@ def test_the_block_stage_reads_packed_shards_mapped_and_streamed(tmp_path, track
         raise AssertionError("the stock stage was used")
     monkeypatch.setattr(reading, "stock_samples", no_stock)
     assert _read(url, expected=len(tracks)) == (_want(tracks), 0)
-
-
-@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
-def test_the_header_fast_path_agrees_with_tarfile(fmt):
-    """``_ustar_header`` gives tarfile's name and size for a plain ustar regular-file header and
-    declines (None: tarfile decides) anything else: other types, name prefixes, pax/GNU
-    extension records, GNU headers, base-256 sizes, a bad checksum."""
-    cases = [("a.json", 0, tarfile.REGTYPE), ("b.000.jpg", 12345, tarfile.REGTYPE),
-             ("x" * 95 + ".json", 1, tarfile.REGTYPE),
-             ("p" * 60 + "/" + "n" * 60 + ".json", 3, tarfile.REGTYPE), ("dir", 0, tarfile.DIRTYPE),
-             ("huge.json", 8 ** 11 + 5, tarfile.REGTYPE), ("ü.json", 2, tarfile.REGTYPE)]
-    fast = 0
-    for name, size, kind in cases:
-        ti = tarfile.TarInfo(name)
-        ti.size, ti.type = size, kind
-        try:
-            raw = ti.tobuf(fmt, "utf-8", "surrogateescape")
-        except ValueError:  # ustar cannot hold it
-            continue
-        if len(raw) > 512:  # a pax / GNU long-name record first: it is never taken (what follows
-            assert _ustar_header(raw[:512]) is None  # it is read by tarfile, after the fallback)
-            continue
-        hdr = raw
-        info = tarfile.TarInfo.frombuf(hdr, "utf-8", "surrogateescape")
-        got = _ustar_header(hdr)
-        if got is not None:
-            fast += 1
-            assert info.isreg() and got == (info.name, info.size) == (name, size)
-            bad = bytearray(hdr)
-            bad[0] ^= 1
-            assert _ustar_header(bytes(bad)) is None  # the checksum no longer fits
-        else:  # declined: not a plain regular file as tarfile reads it
-            assert kind != tarfile.REGTYPE or fmt == tarfile.GNU_FORMAT or "/" in name or size >= 8 ** 11
-    assert fast == (0 if fmt == tarfile.GNU_FORMAT else 3 + (fmt == tarfile.USTAR_FORMAT))
 
 
 def test_parts_split_a_shard_by_position(tmp_path, tracks, source):
