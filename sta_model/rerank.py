@@ -19,113 +19,19 @@ an unstable argsort, may be ordered differently).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
 import torch
 
-from sta_model.threads import intra_op_threads
+from sta_model.neighbours import distance_pass
+from sta_model.threads import choose_threads, intra_op_threads
 
 
 def _as_float32(x) -> torch.Tensor:
     t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
     return t.float().contiguous()
-
-
-def _smallest(parts, k: int, chunk: int = 32):
-    """``k`` smallest values per row (ascending) and their column indices over the columns of
-    ``parts`` (a list of ``(b, w)`` row blocks with their first column index), without a full
-    ``topk``: each part is cut into column chunks of ``chunk``; the ``k`` chunks with the smallest
-    minima hold the ``k`` smallest values (every chunk holding one of them has a minimum at most
-    that value, and fewer than ``k`` other chunks can have a smaller minimum), so ``topk`` runs
-    only over those chunks plus the leftover columns of each part."""
-    b = parts[0][0].shape[0]
-    mins, bases, owner, tails_v, tails_i = [], [], [], [], []
-    for p, (blk, col0) in enumerate(parts):
-        w = blk.shape[1]
-        n = w // chunk * chunk
-        if n:
-            mins.append(blk[:, :n].reshape(b, n // chunk, chunk).amin(2))
-            bases.append(torch.arange(col0, col0 + n, chunk))
-            owner.append(torch.full((n // chunk,), p))
-        if n < w:
-            tails_v.append(blk[:, n:])
-            tails_i.append(torch.arange(col0 + n, col0 + w).expand(b, w - n))
-    cand_v, cand_i = tails_v, tails_i
-    if not mins:
-        mins = None
-    else:
-        mins, bases, owner = torch.cat(mins, 1), torch.cat(bases), torch.cat(owner)
-        kc = min(k, mins.shape[1])
-        mv, sel = mins.topk(kc, dim=1, largest=False, sorted=False)
-        # Rows where more chunks than kc share the kc-th smallest minimum: ties decided by
-        # topk, not by column order -> those (rare) rows are sorted in full below.
-        amb = ((mins <= mv.amax(1, keepdim=True)).sum(1) > kc).nonzero().squeeze(1)
-        sel_owner = owner[sel]
-        first = torch.cumsum(torch.tensor([0] + [m.shape[1] // chunk * chunk // chunk for m, _ in parts]), 0)
-        vals = None
-        for p, (blk, _) in enumerate(parts):
-            nc = blk.shape[1] // chunk
-            if not nc:
-                continue
-            loc = (sel - first[p]).clamp_(0, nc - 1)
-            g = blk[:, :nc * chunk].reshape(b, nc, chunk).gather(1, loc[..., None].expand(-1, -1, chunk))
-            vals = g if vals is None else torch.where((sel_owner == p)[..., None], g, vals)
-        idx = bases[sel][..., None] + torch.arange(chunk)
-        cand_v, cand_i = [vals.flatten(1)] + tails_v, [idx.flatten(1)] + tails_i
-    cv, ci = torch.cat(cand_v, 1), torch.cat(cand_i, 1)
-    kk = min(k + 1, cv.shape[1])  # one more to see ties at the cut
-    v, pos = cv.topk(kk, dim=1, largest=False, sorted=True)
-    idx = ci.gather(1, pos)
-    tied = (v[:, 1:] == v[:, :-1]).any(1).nonzero().squeeze(1)
-    if tied.numel():  # equal distances: lower column index first (a stable sort of the row)
-        o = ci[tied].argsort(1)
-        tv, ti = cv[tied].gather(1, o), ci[tied].gather(1, o)
-        tv, o = tv.sort(dim=1, stable=True)
-        v[tied], idx[tied] = tv[:, :kk], ti.gather(1, o[:, :kk])
-    v, idx = v[:, :k], idx[:, :k]
-    if mins is not None and amb.numel():
-        rv = torch.cat([blk[amb] for blk, _ in parts], 1)
-        rv, o = rv.sort(dim=1, stable=True)
-        ri = torch.cat([torch.arange(c0, c0 + blk.shape[1]) for blk, c0 in parts])[o]
-        v[amb], idx[amb] = rv[:, :k], ri[:, :k]
-    return v, idx
-
-
-def _pass_distances(x: torch.Tensor, nq: int, k1: int, block_rows: int):
-    """Top ``k1 + 1`` neighbours (indices, distances) and row maxima of all rows, and the
-    normalised query x gallery block.
-
-    Row panels are visited in order; panel I computes only its columns from I on (the matrix is
-    symmetric) and takes the columns before I from the transposes of earlier panels, which are
-    kept until used (at most half the matrix) and copied into a reused buffer — half the matrix
-    products of a full pass, no joined rows.
-    """
-    N = x.shape[0]
-    sq = x.pow(2).sum(1)
-    top = torch.empty(N, k1 + 1, dtype=torch.long)
-    topv = torch.empty(N, k1 + 1)
-    rowmax = torch.empty(N)
-    orig_qg = torch.empty(nq, N - nq)
-    left = torch.empty(min(block_rows, N), N)  # columns before the panel, from earlier panels
-    earlier = []  # (start, panel of columns start..N) of the panels done so far
-    for s in range(0, N, block_rows):
-        e = min(N, s + block_rows)
-        b = e - s
-        fresh = torch.add(sq[s:e, None], sq[None, s:]).addmm_(x[s:e], x[s:].t(), alpha=-2)
-        for t, p in earlier:
-            left[:b, t:t + p.shape[0]].copy_(p[:, s - t:e - t].t())
-        earlier.append((s, fresh))
-        parts = [(fresh, s)]
-        rowmax[s:e] = fresh.amax(1)
-        if s:
-            parts.insert(0, (left[:b, :s], 0))
-            torch.maximum(rowmax[s:e], left[:b, :s].amax(1), out=rowmax[s:e])
-        topv[s:e], top[s:e] = _smallest(parts, k1 + 1)
-        if s < nq:
-            qe = min(e, nq)
-            torch.div(fresh[: qe - s, nq - s:], rowmax[s:qe, None], out=orig_qg[s:qe])
-    return sq, top, topv, rowmax, orig_qg
 
 
 def _reciprocal(top: torch.Tensor) -> torch.Tensor:
@@ -141,12 +47,17 @@ def _expansion_sets(top: torch.Tensor, k1: int, block_rows: int):
     R = _reciprocal(top)
     toph = top[:, :kh + 1].contiguous()
     Rh = _reciprocal(toph)
+    b = min(block_rows, N)
+    member = torch.zeros(b, N, dtype=torch.bool)  # member[i - s, c]: c in R(i), for the block's rows
     rows, cols = [], []
-    for s in range(0, N, block_rows):
-        e = min(N, s + block_rows)
+    for s in range(0, N, b):
+        e = min(N, s + b)
         ti, Ri = top[s:e], R[s:e]
+        r, a = Ri.nonzero(as_tuple=True)
+        member[r, ti[r, a]] = True
         cand, cmask = toph[ti], Rh[ti]  # (b, k1+1, kh+1): R'(c) for every neighbour c
-        in_R = ((cand[..., None] == ti[:, None, None, :]) & Ri[:, None, None, :]).any(-1)
+        in_R = member[torch.arange(e - s)[:, None, None], cand]
+        member[r, ti[r, a]] = False
         inter = (in_R & cmask).sum(-1)
         size = cmask.sum(-1)
         # Same float comparison as the original: len(intersection) > 2/3 * len(R'(c)).
@@ -209,7 +120,7 @@ def _query_expansion(rows, cols, vals, nbr: torch.Tensor, N: int, block_rows: in
 
 
 def re_ranking(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-               block_rows: int = 512, pair_budget: int = 1 << 22,
+               block_rows: int = 1024, pair_budget: int = 1 << 16,
                num_threads: Optional[int] = None) -> np.ndarray:
     """k-reciprocal re-ranked distances between queries and gallery.
 
@@ -219,30 +130,52 @@ def re_ranking(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: float = 
         k1 (int): k of the k-reciprocal sets (20).
         k2 (int): neighbours of the local query expansion (6; 1 disables it).
         lambda_value (float): weight of the original distance (0.3).
-        block_rows (int): rows per block of the distance pass (memory ~ block_rows * N * 8 bytes).
+        block_rows (int): side of the distance tiles and rows per block of the sparse steps.
         pair_budget (int): (query nonzero, gallery nonzero) pairs per Jaccard block.
-        num_threads (int or None): torch intra-op threads for the call; None: the CPUs idle now
-            (``sta_model.threads``), never more than this process may use.
+        num_threads (int or None): threads for the call; None: the CPUs idle now
+            (``sta_model.threads``), never more than this process may use. Work is split into
+            blocks that threads take whole (each with one intra-op thread), so no OpenMP worker
+            spins while another waits: CPU time stays the work's even on a busy machine.
 
     Returns:
         np.ndarray: ``(num_q, num_g)`` float32 distances.
+
+    Examples::
+
+        >>> dist = re_ranking(q_feats, g_feats)  # then sta_model.metrics.evaluate_rank(dist, ...)
     """
-    with intra_op_threads(num_threads):
-        return _re_ranking(q_feat, g_feat, k1, k2, lambda_value, block_rows, pair_budget)
+    threads = choose_threads(num_threads)
+    with intra_op_threads(1):
+        return _re_ranking(q_feat, g_feat, k1, k2, lambda_value, block_rows, pair_budget, threads)
+
+
+def _in_blocks(fn, blocks, threads: int) -> list:
+    """``[fn(*blk) for blk in blocks]``, on ``threads`` threads with one intra-op thread each."""
+    if threads <= 1 or len(blocks) <= 1:
+        return [fn(*blk) for blk in blocks]
+
+    def one(blk):
+        with intra_op_threads(1):
+            return fn(*blk)
+
+    with ThreadPoolExecutor(min(threads, len(blocks)), thread_name_prefix="rerank") as pool:
+        return list(pool.map(one, blocks))
 
 
 def _re_ranking(q_feat, g_feat, k1: int, k2: int, lambda_value: float, block_rows: int,
-                pair_budget: int) -> np.ndarray:
+                pair_budget: int, threads: int) -> np.ndarray:
     q, g = _as_float32(q_feat), _as_float32(g_feat)
     if q.dim() != 2 or g.dim() != 2 or q.shape[1] != g.shape[1]:
         raise ValueError(f"expected (num_q, d) and (num_g, d) features, got {tuple(q.shape)}, {tuple(g.shape)}")
     nq, ng = q.shape[0], g.shape[0]
     x = torch.cat([q, g])
     N = x.shape[0]
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("features must be finite (NaN or inf found)")
     if not (1 <= k1 < N and 1 <= k2 <= k1 + 1):
         raise ValueError(f"need 1 <= k1 < num_q + num_g ({N}) and 1 <= k2 <= k1 + 1, got k1={k1}, k2={k2}")
 
-    sq, top, topv, rowmax, final = _pass_distances(x, nq, k1, block_rows)
+    sq, top, topv, rowmax, final = distance_pass(x, nq, k1, block_rows, threads)
 
     rows, cols = _expansion_sets(top, k1, block_rows)
     w = torch.exp(-_pair_sqdist(x, sq, rows, cols, top, topv) / rowmax[rows])
@@ -257,25 +190,28 @@ def _re_ranking(q_feat, g_feat, k1: int, k2: int, lambda_value: float, block_row
     c_cnt = torch.bincount(c_cols, minlength=N)
     c_ptr = torch.cumsum(c_cnt, 0) - c_cnt
 
-    # Query rows of V (CSR is row-major, so they come first) and their pair counts.
+    # Query rows of V (CSR is row-major, so they come first) and their pair counts; blocks of
+    # query rows with about ``pair_budget`` pairs each (small: their temporaries stay in cache).
     n_qnz = int((rows < nq).sum())
     q_rows, q_cols, q_vals = rows[:n_qnz], cols[:n_qnz], vals[:n_qnz]
     lens = c_cnt[q_cols]
-    row_pairs = torch.zeros(nq, dtype=torch.long).index_add_(0, q_rows, lens)
-    row_end = torch.cumsum(row_pairs, 0)
+    row_end = torch.cumsum(torch.zeros(nq, dtype=torch.long).index_add_(0, q_rows, lens), 0)
     entry_end = torch.cumsum(torch.bincount(q_rows, minlength=nq), 0)
-    s = 0
+    blocks, s = [], 0
     while s < nq:
         done = int(row_end[s - 1]) if s else 0
-        e = max(s + 1, int(torch.searchsorted(row_end, done + pair_budget, right=True)))
-        e = min(e, nq)
+        e = min(nq, max(s + 1, int(torch.searchsorted(row_end, done + pair_budget, right=True))))
+        blocks.append((s, e))
+        s = e
+
+    def blend(s, e):  # final[s:e] = lambda * original + (1 - lambda) * Jaccard distance
         a, b = (int(entry_end[s - 1]) if s else 0), int(entry_end[e - 1])
         ln = lens[a:b]
         pos = _segments(c_ptr[q_cols[a:b]], ln)
         m = torch.minimum(torch.repeat_interleave(q_vals[a:b], ln, output_size=pos.numel()), c_vals[pos])
         tgt = torch.repeat_interleave(q_rows[a:b] - s, ln, output_size=pos.numel()) * ng + c_rows[pos]
         t = torch.zeros((e - s) * ng).index_add_(0, tgt, m).view(e - s, ng)
-        jaccard = 1 - t / (2 - t)
-        final[s:e].mul_(lambda_value).add_(jaccard, alpha=1 - lambda_value)
-        s = e
+        final[s:e].mul_(lambda_value).add_(1 - t / (2 - t), alpha=1 - lambda_value)
+
+    _in_blocks(blend, blocks, threads)
     return final.numpy()
