@@ -34,10 +34,15 @@ def _as_float32(x) -> torch.Tensor:
     return t.float().contiguous()
 
 
+def _rows(a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``a[idx]`` by ``index_select`` (torch's general indexing is several times slower)."""
+    return a.index_select(0, idx.reshape(-1)).view(*idx.shape, *a.shape[1:])
+
+
 def _reciprocal(top: torch.Tensor) -> torch.Tensor:
     """``mask[i, a]``: i is among the neighbours (same width) of its neighbour ``top[i, a]``."""
-    ar = torch.arange(top.shape[0])[:, None, None]
-    return (top[top] == ar).any(-1)
+    n, k = top.shape
+    return (_rows(top, top) == torch.arange(n)[:, None, None]).any(-1)
 
 
 def _expansion_sets(top: torch.Tensor, k1: int, block_rows: int):
@@ -49,37 +54,34 @@ def _expansion_sets(top: torch.Tensor, k1: int, block_rows: int):
     Rh = _reciprocal(toph)
     b = min(block_rows, N)
     member = torch.zeros(b, N, dtype=torch.bool)  # member[i - s, c]: c in R(i), for the block's rows
-    rows, cols = [], []
+    keys = []
     for s in range(0, N, b):
         e = min(N, s + b)
         ti, Ri = top[s:e], R[s:e]
-        r, a = Ri.nonzero(as_tuple=True)
-        member[r, ti[r, a]] = True
-        cand, cmask = toph[ti], Rh[ti]  # (b, k1+1, kh+1): R'(c) for every neighbour c
-        in_R = member[torch.arange(e - s)[:, None, None], cand]
-        member[r, ti[r, a]] = False
+        flat = (torch.arange(e - s)[:, None] * N + ti).masked_select(Ri)
+        member.view(-1).index_fill_(0, flat, True)
+        cand, cmask = _rows(toph, ti), _rows(Rh, ti)  # (b, k1+1, kh+1): R'(c) for every neighbour c
+        in_R = _rows(member.view(-1), torch.arange(e - s)[:, None, None] * N + cand)
+        member.view(-1).index_fill_(0, flat, False)
         inter = (in_R & cmask).sum(-1)
         size = cmask.sum(-1)
         # Same float comparison as the original: len(intersection) > 2/3 * len(R'(c)).
         keep = Ri & (inter.double() > 2 / 3 * size.double())
-        idx = torch.cat([ti.masked_fill(~Ri, N),
-                         cand.masked_fill(~(cmask & keep[..., None]), N).flatten(1)], 1)
-        idx = idx.sort(1).values
-        valid = idx < N
-        valid[:, 1:] &= idx[:, 1:] != idx[:, :-1]  # drop repeats (np.unique)
-        r, c = valid.nonzero(as_tuple=True)
-        rows.append(r + s)
-        cols.append(idx[r, c])
-    return torch.cat(rows), torch.cat(cols)
+        # (row, column) keys of R(i) and the kept R'(c); sorted and unique (np.unique) at once
+        own = torch.arange(s, e)[:, None] * N
+        keys.append(torch.cat([(own + ti).masked_select(Ri),
+                               (own[..., None] + cand).masked_select(cmask & keep[..., None])]).unique())
+    keys = torch.cat(keys)
+    return keys // N, keys % N
 
 
 def _pair_sqdist(x: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                  top: torch.Tensor, topv: torch.Tensor, chunk: int = 1 << 12) -> torch.Tensor:
     """Squared distances of (row, col) pairs: looked up among each row's nearest neighbours
     (values of the distance pass) and computed directly for the remaining pairs."""
-    hit = top[rows] == cols[:, None]
+    hit = _rows(top, rows) == cols[:, None]
     found = hit.any(1)
-    out = topv[rows].gather(1, hit.byte().argmax(1, keepdim=True)).squeeze(1)
+    out = _rows(topv, rows).gather(1, hit.byte().argmax(1, keepdim=True)).squeeze(1)
     miss = torch.nonzero(~found).squeeze(1)
     for s in range(0, miss.numel(), chunk):  # small chunks: gathered rows stay cache/heap friendly
         m = miss[s:s + chunk]
@@ -104,15 +106,15 @@ def _query_expansion(rows, cols, vals, nbr: torch.Tensor, N: int, block_rows: in
     for s in range(0, N, block_rows):
         e = min(N, s + block_rows)
         nb = nbr[s:e].reshape(-1)
-        lens = cnt[nb]
-        pos = _segments(ptr[nb], lens)
+        lens = _rows(cnt, nb)
+        pos = _segments(_rows(ptr, nb), lens)
         owner = torch.repeat_interleave(torch.arange(s, e).repeat_interleave(k2), lens, output_size=pos.numel())
-        keys, order = torch.sort(owner * N + cols[pos])
+        keys, order = torch.sort(owner * N + _rows(cols, pos))
         new = torch.ones_like(keys, dtype=torch.bool)
         new[1:] = keys[1:] != keys[:-1]
         group = torch.cumsum(new, 0) - 1
-        keys = keys[new]
-        summed = torch.zeros(keys.numel()).index_add_(0, group, vals[pos][order])
+        keys = keys.masked_select(new)
+        summed = torch.zeros(keys.numel()).index_add_(0, group, _rows(_rows(vals, pos), order))
         out_r.append(keys // N)
         out_c.append(keys % N)
         out_v.append(summed / k2)
@@ -208,8 +210,8 @@ def _re_ranking(q_feat, g_feat, k1: int, k2: int, lambda_value: float, block_row
         a, b = (int(entry_end[s - 1]) if s else 0), int(entry_end[e - 1])
         ln = lens[a:b]
         pos = _segments(c_ptr[q_cols[a:b]], ln)
-        m = torch.minimum(torch.repeat_interleave(q_vals[a:b], ln, output_size=pos.numel()), c_vals[pos])
-        tgt = torch.repeat_interleave(q_rows[a:b] - s, ln, output_size=pos.numel()) * ng + c_rows[pos]
+        m = torch.minimum(torch.repeat_interleave(q_vals[a:b], ln, output_size=pos.numel()), _rows(c_vals, pos))
+        tgt = torch.repeat_interleave((q_rows[a:b] - s) * ng, ln, output_size=pos.numel()) + _rows(c_rows, pos)
         t = torch.zeros((e - s) * ng).index_add_(0, tgt, m).view(e - s, ng)
         final[s:e].mul_(lambda_value).add_(1 - t / (2 - t), alpha=1 - lambda_value)
 
