@@ -209,11 +209,14 @@ def _re_ranking(q_feat, g_feat, k1: int, k2: int, lambda_value: float, block_row
     def blend(s, e):  # final[s:e] = lambda * original + (1 - lambda) * Jaccard distance
         a, b = (int(entry_end[s - 1]) if s else 0), int(entry_end[e - 1])
         ln = lens[a:b]
-        pos = _segments(c_ptr[q_cols[a:b]], ln)
-        m = torch.minimum(torch.repeat_interleave(q_vals[a:b], ln, output_size=pos.numel()), _rows(c_vals, pos))
-        tgt = torch.repeat_interleave((q_rows[a:b] - s) * ng, ln, output_size=pos.numel()) + _rows(c_rows, pos)
+        total = int(row_end[e - 1]) - (int(row_end[s - 1]) if s else 0)
+        own = torch.repeat_interleave(torch.arange(b - a), ln, output_size=total)  # entry of each pair
+        pos = (c_ptr[q_cols[a:b]] - (torch.cumsum(ln, 0) - ln)).index_select(0, own) + torch.arange(total)
+        m = torch.minimum(q_vals[a:b].index_select(0, own), c_vals.index_select(0, pos))
+        tgt = ((q_rows[a:b] - s) * ng).index_select(0, own) + c_rows.index_select(0, pos)
         t = torch.zeros((e - s) * ng).index_add_(0, tgt, m).view(e - s, ng)
-        final[s:e].mul_(lambda_value).add_(1 - t / (2 - t), alpha=1 - lambda_value)
+        # lambda * d + (1 - lambda) * (1 - t / (2 - t))
+        final[s:e].mul_(lambda_value).add_(1 - lambda_value).addcdiv_(t, 2 - t, value=lambda_value - 1)
 
     _in_blocks(blend, blocks, threads)
     return final.numpy()
