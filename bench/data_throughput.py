@@ -50,7 +50,9 @@ The default data set (128 identities x 4 tracklets, P=8, K=4) makes one pass ove
 exactly the default 16 batches: one epoch as in real training (MARS: 625 ids / P=16), where each
 epoch starts with the loader's initial pool read; with few identities per P the pool would hold
 nearly all of them and re-read shards. Cases run interleaved in each repeat;
-ratios are taken per repeat and reported as min/median/max. On a shared machine expect noise.
+ratios are taken per repeat and reported as min/median/max. A case's "vs raw_decode" ratios use the
+raw decode loop timed right before and after that case (its mean), not the repeat's. On a shared
+machine expect noise.
 
     python bench/data_throughput.py [--repeats 5] [--json out.json] [--s3]
 """
@@ -344,15 +346,26 @@ def main(argv=None) -> int:
         for name, make in persistent.items():  # epoch 0: the fork and first buffers
             loaders[name] = make()
             first_epoch[name] = _time_loader(loaders[name], B)
+        def adjacent(res_fn):
+            # the raw decode loop right before and after the case: its baseline for the "vs raw
+            # decode" rows, measured seconds from it rather than at the ends of a repeat that lasts
+            # tens of seconds, over which a shared machine's speed drifts
+            (t0, c0) = raw(raw_cases["raw_decode"])
+            res = res_fn()
+            (t1, c1) = raw(raw_cases["raw_decode"])
+            n = len(sample)
+            res["raw_adjacent"] = {"frames_per_s": 2 * n / (t0 + t1), "frames_per_cpu_s": 2 * n / (c0 + c1)}
+            return res
+
         for r in range(a.repeats):
             before = {name: raw(decode) for name, decode in raw_cases.items()}
             for name, loader in loaders.items():
                 s0 = _server_cpu(server)
-                record(name, _time_loader(loader, B))
+                record(name, adjacent(lambda: _time_loader(loader, B)))  # noqa: B023 - called at once
                 if server is not None and "s3" in name:
                     results[name][-1]["server_cpu_s"] = _server_cpu(server) - s0
             for name, make in cases.items():
-                record(name, _time_loader(make(r), B))
+                record(name, adjacent(lambda: _time_loader(make(r), B)))  # noqa: B023 - called at once
             for name, decode in raw_cases.items():
                 (t0, c0), (t1, c1) = before[name], raw(decode)
                 n = len(sample)
@@ -385,6 +398,8 @@ def main(argv=None) -> int:
         return {"min": min(r), "median": statistics.median(r), "max": max(r), "runs": r}
 
     def per_repeat(num, den, key="frames_per_s"):
+        if den == "raw_decode" and "raw_adjacent" in results[num][0]:  # the case's own adjacent baseline
+            return spread([x[key] / x["raw_adjacent"][key] for x in results[num]])
         return spread([x[key] / y[key] for x, y in zip(results[num], results[den])])
 
     # Wall-clock ratios, and CPU-time ratios (frames per CPU-second of loader worker + main

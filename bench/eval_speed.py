@@ -13,7 +13,7 @@ compared in the parent. Timings on a shared machine depend on its load: the load
 
 Busy machine (``--busy N``, default 2): the vectorised call again while N CPU-burning processes run,
 as a ratio to the quiet call of the same repeat; once with the threads ``sta_model`` chooses (the
-CPUs idle at the call) and once with one thread per CPU (torch's default, what ran before).
+CPUs idle at the call) and once with ``num_threads`` = every CPU forced.
 
     python bench/eval_speed.py [--repeats 5] [--busy 2] [--json out.json]
 """
@@ -228,7 +228,7 @@ def main() -> None:
         b, c = r["busy_ratio"], r["busy_all_cpus_ratio"]
         print(f"{r['name']:12s} quiet {statistics.median(r['quiet_s']):.3f} s; with {r['burners']} burners "
               f"{b[0]:.2f}/{b[1]:.2f}/{b[2]:.2f}x quiet (chosen threads), {c[0]:.2f}/{c[1]:.2f}/{c[2]:.2f}x "
-              f"({os.cpu_count()} threads, torch's default)")
+              f"(num_threads={os.cpu_count()} forced)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"benchmark": "eval_speed", "threads": threads, "load_avg_1min": load, "rows": rows,

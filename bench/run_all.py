@@ -74,6 +74,14 @@ def _rows(name: str, res: dict) -> list[str]:
                                 ">= 10x, <= 1.5 GB, diff <= 1e-3", r["ratio_median"] >= 10 and fits))
                 out.append(_row(name, "re_ranking, CPU time", mm_cpu, "plain loop algorithm, CPU time", ">= 10x",
                                 mm_cpu["median"] >= 10 and fits))
+        # Busy machine (issue 15, E17): the same call with CPU-burning processes running, time as a
+        # ratio to the quiet call of the same repeat (>1: slower); informative, no target.
+        for r in res.get("busy", []):
+            fn = "evaluate_rank" if r["name"].startswith("eval") else "re_ranking"
+            for key, how in (("busy_ratio", "threads it chooses"), ("busy_all_cpus_ratio", "every CPU forced")):
+                b = r[key]
+                out.append(_row(name, f"{fn} with {r['burners']} CPU burners, {how} (time / quiet)",
+                                {"min": b[0], "median": b[1], "max": b[2]}, "the same call, quiet", "-"))
     elif name == "data_throughput":
         raw, raw_cpu, pf, pf_cpu = ("raw JPEG decode (libjpeg-turbo), 1 core", "raw decode, per CPU-s",
                                     "per-file loader", "per-file loader, per CPU-s")
