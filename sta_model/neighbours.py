@@ -47,35 +47,45 @@ def _offer(best: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> None:
     best[urow] = cand.topk(K, dim=1, largest=False, sorted=True).values
 
 
-def _survivors(t: torch.Tensor, tau: torch.Tensor, by_col: bool, chunk: int = 32):
-    """(row, col) of the entries of tile ``t`` not above ``tau``: one threshold per row, or per
-    column with ``by_col`` (then ordered by column). Minima of ``chunk`` entries are compared
-    first, and only chunks that pass are compared entry by entry."""
+def _chunk_minmax(t: torch.Tensor, by_col: bool, chunk: int = 32):
+    """Minima and maxima of runs of ``chunk`` entries along each row of tile ``t`` (along each
+    column with ``by_col``), in one pass; None when that side is not a multiple of ``chunk``."""
     n = t.shape[0] if by_col else t.shape[1]
     if n % chunk:
+        return None
+    if by_col:
+        return torch.aminmax(t.view(n // chunk, chunk, t.shape[1]), dim=1)
+    return torch.aminmax(t.view(t.shape[0], n // chunk, chunk), dim=2)
+
+
+def _survivors(t: torch.Tensor, tau: torch.Tensor, by_col: bool, mins=None, chunk: int = 32):
+    """(row, col) of the entries of tile ``t`` not above ``tau``: one threshold per row, or per
+    column with ``by_col`` (then ordered by column). With ``mins`` (:func:`_chunk_minmax`'s minima)
+    only the chunks whose minimum passes are compared entry by entry."""
+    if mins is None:
         if by_col:
             c, r = (t.t() <= tau[:, None]).nonzero(as_tuple=True)
             return r, c
         return (t <= tau[:, None]).nonzero(as_tuple=True)
     if not by_col:
-        v = t.view(t.shape[0], n // chunk, chunk)
-        r, ch = (v.amin(2) <= tau[:, None]).nonzero(as_tuple=True)
+        v = t.view(t.shape[0], -1, chunk)
+        r, ch = (mins <= tau[:, None]).nonzero(as_tuple=True)
         sel, lane = (v[r, ch] <= tau[r, None]).nonzero(as_tuple=True)
         return r[sel], ch[sel] * chunk + lane
-    v = t.view(n // chunk, chunk, t.shape[1])
-    ch, c = (v.amin(1) <= tau[None, :]).nonzero(as_tuple=True)
+    v = t.view(-1, chunk, t.shape[1])
+    ch, c = (mins <= tau[None, :]).nonzero(as_tuple=True)
     sel, lane = (v[ch, :, c] <= tau[c, None]).nonzero(as_tuple=True)
     r, c = ch[sel] * chunk + lane, c[sel]
     o = torch.argsort(c * t.shape[0] + r)  # by column, then row
     return r[o], c[o]
 
 
-def _tiles(x: torch.Tensor, sq: torch.Tensor, spans, b: int, threads: int):
+def _tiles(x: torch.Tensor, sq: torch.Tensor, spans, b: int, threads: int, gemm_threads: int = 1):
     """Yield ``(span, tile)``: the squared distances ``x[s:e]`` x ``x[c:f]`` for each span
     ``(s, e, c, f)``, in order. A tile is valid until the next one is asked for.
 
     With ``threads`` > 1 the matrix products run ahead in a thread of their own (with
-    ``threads - 1`` intra-op threads) while the caller reduces the previous tile: the two
+    ``gemm_threads`` intra-op threads) while the caller reduces the previous tile: the two
     overlap without OpenMP workers spinning between small operations."""
     def compute(span, buf):
         s, e, c, f = span
@@ -94,7 +104,7 @@ def _tiles(x: torch.Tensor, sq: torch.Tensor, spans, b: int, threads: int):
 
     def produce():
         try:
-            with intra_op_threads(threads - 1):
+            with intra_op_threads(gemm_threads):
                 for span in spans:
                     buf = free.get()
                     if stop.is_set():
@@ -119,7 +129,8 @@ def _tiles(x: torch.Tensor, sq: torch.Tensor, spans, b: int, threads: int):
         worker.join()
 
 
-def distance_pass(x: torch.Tensor, nq: int, k1: int, block_rows: int = 1024, threads: int = 1):
+def distance_pass(x: torch.Tensor, nq: int, k1: int, block_rows: int = 1024, threads: int = 1,
+                  gemm_threads: int = 1):
     """Top ``k1 + 1`` neighbours (indices, distances) and row maxima of all rows, and the
     normalised query x gallery block, from square tiles of the distance matrix.
 
@@ -145,27 +156,30 @@ def distance_pass(x: torch.Tensor, nq: int, k1: int, block_rows: int = 1024, thr
             _offer(best, rows + r0, _order_keys(vals, cols + c0))
             tau[rows + r0] = _key_values(best[rows + r0, -1])
 
-    for (s, e, c, f), t in _tiles(x, sq, diagonal + upper, b, threads):
+    for (s, e, c, f), t in _tiles(x, sq, diagonal + upper, b, threads, gemm_threads):
         if s < nq and f > nq:  # the raw query x gallery part; normalised once row maxima are known
             qe, c0 = min(e, nq), max(c, nq)
             qg[s:qe, c0 - nq:f - nq] = t[:qe - s, c0 - c:]
+        rows_mm = _chunk_minmax(t, False)  # chunk minima (for the thresholds) and maxima in one pass
+        rmax = t.amax(1) if rows_mm is None else rows_mm.max.amax(1)
+        rmin = None if rows_mm is None else rows_mm.min
         if s == c:  # diagonal tiles come first: each row starts from the best of its own block
-            rowmax[s:e] = t.amax(1)
+            rowmax[s:e] = rmax
             # A bound on each row's K-th smallest entry: the K-th smallest of K or more chunk
             # minima (distinct entries) is not below it, and is 32 times cheaper to find.
-            n = (e - s) // 32 * 32
-            if n >= 32 * K:
-                kth = t[:, :n].reshape(e - s, n // 32, 32).amin(2).topk(K, dim=1, largest=False).values[:, -1]
+            if rmin is not None and rmin.shape[1] >= K:
+                kth = rmin.topk(K, dim=1, largest=False).values[:, -1]
             else:
                 kth = t.topk(K, dim=1, largest=False).values[:, -1] if e - s > K else tau[s:e]
-            r, j = _survivors(t, kth, False)
+            r, j = _survivors(t, kth, False, rmin)
             offer(r, j, t[r, j], s, s)
             continue
-        torch.maximum(rowmax[s:e], t.amax(1), out=rowmax[s:e])
-        torch.maximum(rowmax[c:f], t.amax(0), out=rowmax[c:f])
-        r, j = _survivors(t, tau[s:e], False)
+        cols_mm = _chunk_minmax(t, True)
+        torch.maximum(rowmax[s:e], rmax, out=rowmax[s:e])
+        torch.maximum(rowmax[c:f], t.amax(0) if cols_mm is None else cols_mm.max.amax(0), out=rowmax[c:f])
+        r, j = _survivors(t, tau[s:e], False, rmin)
         offer(r, j, t[r, j], s, c)
-        r, j = _survivors(t, tau[c:f], True)
+        r, j = _survivors(t, tau[c:f], True, None if cols_mm is None else cols_mm.min)
         offer(j, r, t[r, j], c, s)
     qg.div_(rowmax[:nq, None])
     return sq, best & 0xFFFFFFFF, _key_values(best), rowmax, qg

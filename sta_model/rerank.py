@@ -12,10 +12,15 @@ Same algorithm as the public ``re_ranking.py`` used by torchreid/fast-reid:
 4. Jaccard distance ``1 - t / (2 - t)`` with ``t = sum_k min(V[i,k], V[j,k])``;
    ``final = (1 - lambda) * jaccard + lambda * original_dist``, query rows x gallery columns.
 
-Memory: only row blocks of the distance matrix exist at a time; V (at most about k1 * 1.5 nonzeros
-per row before expansion) is kept as CSR/CSC index/value arrays; Jaccard sums are scattered for
-blocks of queries. Everything is float32; rankings use ``topk`` (ties, which the original leaves to
-an unstable argsort, may be ordered differently).
+Memory: the distance matrix is visited in tiles (``sta_model.neighbours``), one at a time; V (at
+most about k1 * 1.5 nonzeros per row before expansion) is kept as CSR/CSC index/value arrays;
+Jaccard sums are scattered for small blocks of queries. Everything is float32; neighbours are
+ordered as a stable sort orders them (ties to the lower index; the original leaves ties to an
+unstable argsort).
+
+Threads: the work is cut into blocks that threads take whole, each with one intra-op thread (tile
+products run ahead in a thread while the previous tile is reduced; Jaccard blocks go to a pool),
+so no OpenMP worker spins at a barrier while another is descheduled.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import numpy as np
 import torch
 
 from sta_model.neighbours import distance_pass
-from sta_model.threads import choose_threads, intra_op_threads
+from sta_model.threads import idle_cpus, intra_op_threads, usable_cpus
 
 
 def _as_float32(x) -> torch.Tensor:
@@ -41,8 +46,7 @@ def _rows(a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def _reciprocal(top: torch.Tensor) -> torch.Tensor:
     """``mask[i, a]``: i is among the neighbours (same width) of its neighbour ``top[i, a]``."""
-    n, k = top.shape
-    return (_rows(top, top) == torch.arange(n)[:, None, None]).any(-1)
+    return (_rows(top, top) == torch.arange(top.shape[0])[:, None, None]).any(-1)
 
 
 def _expansion_sets(top: torch.Tensor, k1: int, block_rows: int):
@@ -134,10 +138,11 @@ def re_ranking(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: float = 
         lambda_value (float): weight of the original distance (0.3).
         block_rows (int): side of the distance tiles and rows per block of the sparse steps.
         pair_budget (int): (query nonzero, gallery nonzero) pairs per Jaccard block.
-        num_threads (int or None): threads for the call; None: the CPUs idle now
-            (``sta_model.threads``), never more than this process may use. Work is split into
-            blocks that threads take whole (each with one intra-op thread), so no OpenMP worker
-            spins while another waits: CPU time stays the work's even on a busy machine.
+        num_threads (int or None): threads for the call. Work is split into blocks that threads
+            take whole (each with one intra-op thread), so no OpenMP worker spins at a barrier
+            while another is descheduled, and a busy machine costs no extra CPU time. None: every
+            CPU this process may use (``sta_model.threads.usable_cpus``); the tile products
+            alone run on OpenMP threads, as many as CPUs are idle at the call, less one.
 
     Returns:
         np.ndarray: ``(num_q, num_g)`` float32 distances.
@@ -146,9 +151,12 @@ def re_ranking(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: float = 
 
         >>> dist = re_ranking(q_feats, g_feats)  # then sta_model.metrics.evaluate_rank(dist, ...)
     """
-    threads = choose_threads(num_threads)
+    if num_threads is not None and num_threads > 0:
+        threads, gemm_threads = num_threads, max(1, num_threads - 1)
+    else:
+        threads, gemm_threads = usable_cpus(), max(1, idle_cpus() - 1)
     with intra_op_threads(1):
-        return _re_ranking(q_feat, g_feat, k1, k2, lambda_value, block_rows, pair_budget, threads)
+        return _re_ranking(q_feat, g_feat, k1, k2, lambda_value, block_rows, pair_budget, threads, gemm_threads)
 
 
 def _in_blocks(fn, blocks, threads: int) -> list:
@@ -165,7 +173,7 @@ def _in_blocks(fn, blocks, threads: int) -> list:
 
 
 def _re_ranking(q_feat, g_feat, k1: int, k2: int, lambda_value: float, block_rows: int,
-                pair_budget: int, threads: int) -> np.ndarray:
+                pair_budget: int, threads: int, gemm_threads: int) -> np.ndarray:
     q, g = _as_float32(q_feat), _as_float32(g_feat)
     if q.dim() != 2 or g.dim() != 2 or q.shape[1] != g.shape[1]:
         raise ValueError(f"expected (num_q, d) and (num_g, d) features, got {tuple(q.shape)}, {tuple(g.shape)}")
@@ -177,7 +185,7 @@ def _re_ranking(q_feat, g_feat, k1: int, k2: int, lambda_value: float, block_row
     if not (1 <= k1 < N and 1 <= k2 <= k1 + 1):
         raise ValueError(f"need 1 <= k1 < num_q + num_g ({N}) and 1 <= k2 <= k1 + 1, got k1={k1}, k2={k2}")
 
-    sq, top, topv, rowmax, final = distance_pass(x, nq, k1, block_rows, threads)
+    sq, top, topv, rowmax, final = distance_pass(x, nq, k1, block_rows, threads, gemm_threads)
 
     rows, cols = _expansion_sets(top, k1, block_rows)
     w = torch.exp(-_pair_sqdist(x, sq, rows, cols, top, topv) / rowmax[rows])

@@ -49,20 +49,25 @@ def test_order_keys_sort_as_value_then_column():
     assert neighbours._key_values(torch.tensor([neighbours._PAD])).item() == float("inf")
 
 
-@pytest.mark.parametrize("shape", [(64, 96), (40, 50), (32, 7)])
+@pytest.mark.parametrize("shape", [(64, 96), (40, 50), (32, 7), (96, 64)])
 def test_survivors_match_a_plain_comparison(shape):
     g = torch.Generator().manual_seed(2)
     t = torch.randint(0, 20, shape, generator=g).float()
     for by_col in (False, True):
         n = shape[1] if by_col else shape[0]
         tau = torch.randint(0, 6, (n,), generator=g).float()
-        r, c = neighbours._survivors(t, tau, by_col)
         if by_col:
             cc, rr = (t.t() <= tau[:, None]).nonzero(as_tuple=True)  # ordered by column
-            assert torch.equal(c, cc) and torch.equal(r, rr)
         else:
             rr, cc = (t <= tau[:, None]).nonzero(as_tuple=True)
+        mm = neighbours._chunk_minmax(t, by_col)
+        assert (mm is None) == ((shape[0] if by_col else shape[1]) % 32 != 0)  # the chunked side
+        for mins in (None,) if mm is None else (None, mm.min):  # plain, and chunk minima first
+            r, c = neighbours._survivors(t, tau, by_col, mins)
             assert torch.equal(r, rr) and torch.equal(c, cc)
+        if mm is not None:
+            want = t.view(-1, 32, t.shape[1]) if by_col else t.view(t.shape[0], -1, 32)
+            assert torch.equal(mm.max, want.amax(1 if by_col else 2))
 
 
 def test_tile_thread_hands_errors_to_the_caller_and_stops():
