@@ -25,8 +25,8 @@ from pipeline.loader import BatchRing, WorkerStream, make_loader
 from pipeline.reading import Skips, shard_samples
 from pipeline.sampling import identity_batches, sample_rng, slot_shards
 from pipeline.shards import Manifest, as_manifest
-from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_into, erase_box, mean_fill,
-                                 replace_bad_clips, restricted_indices)
+from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_into, decode_reversed, erase_box,
+                                 mean_fill, mirror_bgr_rows, replace_bad_clips, restricted_indices)
 
 
 @dataclass(frozen=True)
@@ -133,14 +133,18 @@ def _fill(batch: list, ring: BatchRing, spec: LoaderSpec, rng: np.random.Generat
             for i, fi in enumerate(idx):
                 if encoded:
                     jpegs[j * clip_len + i] = frames[fi]
+                elif flip:  # BGR now, the whole clip mirrored below: one call, not one per frame
+                    decode_reversed(frames[fi], u8[j, i])
                 else:
-                    decode_into(frames[fi], u8[j, i], flip)
+                    decode_into(frames[fi], u8[j, i])
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad data; a misplaced frame
             if encoded:  # the consumer's decode meets the empty frame, counts and replaces the clip
                 continue
             skips.add("clip", f"tracklet {meta.get('tracklet', meta['index'])}", f"frame {fi} does not decode ({e})")
             bad.append(j)
             continue
+        if flip and not encoded:
+            mirror_bgr_rows(u8[j])
         if not encoded and erase[j, 2]:
             y, x, h, w = erase[j]
             u8[j, :, y:y + h, x:x + w] = fill

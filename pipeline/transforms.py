@@ -103,18 +103,35 @@ def decode_into(data, out: np.ndarray, flip: bool = False) -> np.ndarray:
     CMYK JPEGs, and JPEGs libjpeg-turbo flags as damaged go through PIL, so what PIL (and
     ``pipeline.pack``'s validation) accepts is accepted here. ``flip`` mirrors horizontally.
     Raises ``OSError``/``ValueError`` on undecodable or truncated data. Returns ``out``."""
+    if not flip:
+        return _decode(data, out, bgr=False)
+    return mirror_bgr_rows(_decode(data, out, bgr=True))
+
+
+def decode_reversed(data, out: np.ndarray) -> np.ndarray:
+    """``decode_into`` with the channels in reverse order (BGR): :func:`mirror_bgr_rows` then
+    turns it into the mirrored RGB image. A clip's frames decoded so are mirrored by one call
+    for the whole clip instead of one per frame."""
+    return _decode(data, out, bgr=True)
+
+
+def mirror_bgr_rows(out: np.ndarray) -> np.ndarray:
+    """Reverse the bytes of every image row of ``out`` (``(..., W, 3)`` uint8, C-contiguous): BGR
+    pixels become the horizontally mirrored RGB image. One vectorised byte reversal, where
+    mirroring 3-byte pixels is a strided copy (slower: docs/performance.md). Returns ``out``."""
+    rows = torch.from_numpy(out).view(-1, out.shape[-2] * 3)
+    rows.copy_(rows.flip(1))
+    return out
+
+
+def _decode(data, out: np.ndarray, bgr: bool) -> np.ndarray:
     height, width = out.shape[:2]
     try:
         h, w, colorspace, _ = check_jpeg(data)
         if colorspace in ("CMYK", "YCCK"):
             raise ValueError("CMYK: PIL handles Adobe's inverted CMYK")
         if (h, w) == (height, width):
-            # flipped: BGR with each row's bytes reversed is the mirrored RGB row, and a byte
-            # reversal is one vectorised pass where mirroring 3-byte pixels is not (16 -> 9 us)
-            simplejpeg.decode_jpeg(data, "BGR" if flip else "RGB", buffer=out)
-            if flip:
-                rows = torch.from_numpy(out).view(height, width * 3)
-                rows.copy_(rows.flip(1))
+            simplejpeg.decode_jpeg(data, "BGR" if bgr else "RGB", buffer=out)
             return out
         # DCT-domain downscale by a power of two as PIL's draft picks it (libjpeg-turbo alone
         # would also take M/8 factors), so the pixels stay PIL's
@@ -124,9 +141,8 @@ def decode_into(data, out: np.ndarray, flip: bool = False) -> np.ndarray:
         out[...] = np.asarray(Image.fromarray(arr).resize((width, height), Image.BILINEAR))
     except ValueError:
         out[...] = _pil_decode(data, height, width)
-    if flip:
-        t = torch.from_numpy(out)
-        t.copy_(t.flip(1))  # torch, not numpy's strided copy of 3-byte pixels: faster (docs/performance.md)
+    if bgr:  # the rare paths above decode RGB
+        out[...] = out[..., ::-1].copy()
     return out
 
 

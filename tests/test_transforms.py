@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, _pil_decode, decode_into, erase_box,
-                                 eval_clip_indices, frame_buffer, mean_fill, normalize_clips, restricted_indices)
+from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, _pil_decode, decode_into, decode_reversed,
+                                 erase_box, eval_clip_indices, frame_buffer, mean_fill, mirror_bgr_rows,
+                                 normalize_clips, restricted_indices)
 
 
 def _jpeg(arr: np.ndarray, quality: int = 95) -> bytes:
@@ -144,6 +145,26 @@ def test_frame_buffer_rows_start_off_vector_alignment_and_decode_the_same(shared
         decode_into(data, arr[2, 1], flip)
         np.testing.assert_array_equal(arr[2, 1], decode_frame(data, 32, 16, flip))
     assert frame_buffer((0, 32, 16, 3)).shape == (0, 32, 16, 3)
+
+
+def test_clip_decoded_reversed_then_mirrored_equals_flipped_frames():
+    """The training stream's flip: frames decoded as BGR, then every row of the clip byte-reversed
+    in one call, give exactly decode_into(flip=True) of each frame, whatever path a frame takes
+    (same-size JPEG, downscaled JPEG, PNG, CMYK and grayscale JPEG via PIL)."""
+    rng = np.random.default_rng(6)
+    frames = [_jpeg(rng.integers(0, 256, (32, 16, 3), dtype=np.uint8)),
+              _jpeg(rng.integers(0, 256, (70, 35, 3), dtype=np.uint8))]
+    for mode, fmt in (("RGB", "PNG"), ("CMYK", "JPEG"), ("L", "JPEG")):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 16, 3), dtype=np.uint8)).convert(mode).save(buf, fmt)
+        frames.append(buf.getvalue())
+    clip = frame_buffer((len(frames), 32, 16, 3)).numpy()
+    for i, data in enumerate(frames):
+        out = clip[i]
+        assert decode_reversed(data, out) is out
+    assert mirror_bgr_rows(clip) is clip
+    for i, data in enumerate(frames):
+        np.testing.assert_array_equal(clip[i], decode_frame(data, 32, 16, flip=True))
 
 
 def test_decode_into_cmyk_and_grayscale_jpeg_via_the_same_pixels_as_pil():
