@@ -51,8 +51,8 @@ exactly the default 16 batches: one epoch as in real training (MARS: 625 ids / P
 epoch starts with the loader's initial pool read; with few identities per P the pool would hold
 nearly all of them and re-read shards. Cases run interleaved in each repeat;
 ratios are taken per repeat and reported as min/median/max. A case's "vs raw_decode" ratios use the
-raw decode loop timed right before and after that case (its mean), not the repeat's. On a shared
-machine expect noise.
+raw decode loop timed right before and after that case (its mean), not the repeat's; each case
+runs ``--epochs`` epochs per repeat (3), summed. On a shared machine expect noise.
 
     python bench/data_throughput.py [--repeats 5] [--json out.json] [--s3]
 """
@@ -219,6 +219,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=3, help="epochs per case and repeat (summed)")
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--s3", action="store_true", help="include shards served by moto's S3 server")
     ap.add_argument("--workdir", default=None, help="keep data here (default: a temp dir)")
@@ -334,7 +335,7 @@ def main(argv=None) -> int:
 
     def record(name, res):
         clips = res["batches"] * P * K
-        total = (res["batches"] + 1) * P * K
+        total = (res["batches"] + res.get("epochs", 1)) * P * K  # each epoch's first batch is not in "batches"
         results[name].append({**res, "clips_per_s": total / res["total_s"],
                               "frames_per_s": total * N / res["total_s"],
                               "frames_per_cpu_s": total * N / res["cpu_s"],
@@ -346,15 +347,18 @@ def main(argv=None) -> int:
         for name, make in persistent.items():  # epoch 0: the fork and first buffers
             loaders[name] = make()
             first_epoch[name] = _time_loader(loaders[name], B)
-        def adjacent(res_fn):
-            # the raw decode loop right before and after the case: its baseline for the "vs raw
-            # decode" rows, measured seconds from it rather than at the ends of a repeat that lasts
-            # tens of seconds, over which a shared machine's speed drifts
-            (t0, c0) = raw(raw_cases["raw_decode"])
-            res = res_fn()
-            (t1, c1) = raw(raw_cases["raw_decode"])
-            n = len(sample)
-            res["raw_adjacent"] = {"frames_per_s": 2 * n / (t0 + t1), "frames_per_cpu_s": 2 * n / (c0 + c1)}
+        def adjacent(epoch_fn):
+            # --epochs epochs of the case, summed (one epoch is under a second: a shared machine's
+            # hiccups move one-epoch ratios by +-20%), and the raw decode loop as many times right
+            # before and after: its baseline for the "vs raw decode" rows, measured seconds from it
+            # rather than at the ends of a repeat that lasts minutes
+            t0, c0 = map(sum, zip(*(raw(raw_cases["raw_decode"]) for _ in range(a.epochs))))
+            runs = [epoch_fn() for _ in range(a.epochs)]
+            t1, c1 = map(sum, zip(*(raw(raw_cases["raw_decode"]) for _ in range(a.epochs))))
+            res = {k: sum(x[k] for x in runs) for k in runs[0]}
+            n = len(sample) * a.epochs
+            res.update(epochs=a.epochs, raw_adjacent={"frames_per_s": 2 * n / (t0 + t1),
+                                                      "frames_per_cpu_s": 2 * n / (c0 + c1)})
             return res
 
         for r in range(a.repeats):

@@ -57,7 +57,8 @@ def test_data_throughput_smoke_run(tmp_path):
     out = tmp_path / "data.json"
     cmd = [sys.executable, str(ROOT / "bench" / "data_throughput.py"), "--repeats", "2", "--num-ids", "8",
            "--tracklets-per-id", "2", "--frames", "4", "8", "--src-size", "32", "16", "--size", "32", "16",
-           "--p", "2", "--k", "2", "--batches", "3", "--shard-mb", "0.02", "--s3", "--json", str(out)]
+           "--p", "2", "--k", "2", "--batches", "3", "--epochs", "2", "--shard-mb", "0.02", "--s3",
+           "--json", str(out)]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -70,7 +71,9 @@ def test_data_throughput_smoke_run(tmp_path):
         assert all(x["server_cpu_s"] >= 0 for x in r["runs"][name]), r["runs"][name]
     for name in (*persistent, "stream_local_u8_fresh", "per_file"):
         runs = r["runs"][name]
-        assert len(runs) == 2 and all(x["batches"] == 2 and x["skipped"] == 0 for x in runs)
+        # 2 repeats of 2 epochs each, summed: 2 x 2 batches after each epoch's first
+        assert len(runs) == 2 and all(x["epochs"] == 2 and x["batches"] == 4 and x["skipped"] == 0 for x in runs)
+        assert all(x["raw_adjacent"]["frames_per_cpu_s"] > 0 for x in runs)
         assert all(x["loader_cpu_s"] >= 0 and x["cpu_s"] >= x["main_cpu_s"] for x in runs), (name, runs)
     for key in ("stream_local_u8_vs_raw_decode", "stream_local_u8_vs_raw_decode_cpu",
                 "stream_local_u8_fresh_vs_raw_decode", "stream_local_u8_first_epoch_vs_raw_decode",
