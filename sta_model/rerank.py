@@ -44,9 +44,13 @@ def _rows(a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return a.index_select(0, idx.reshape(-1)).view(*idx.shape, *a.shape[1:])
 
 
-def _reciprocal(top: torch.Tensor) -> torch.Tensor:
+def _reciprocal(top: torch.Tensor, block_rows: int = 1024) -> torch.Tensor:
     """``mask[i, a]``: i is among the neighbours (same width) of its neighbour ``top[i, a]``."""
-    return (_rows(top, top) == torch.arange(top.shape[0])[:, None, None]).any(-1)
+    out = []
+    for s in range(0, top.shape[0], block_rows):  # blocks: temporaries malloc can reuse
+        t = top[s:s + block_rows]
+        out.append((_rows(top, t) == torch.arange(s, s + t.shape[0])[:, None, None]).any(-1))
+    return torch.cat(out)
 
 
 def _expansion_sets(top: torch.Tensor, k1: int, block_rows: int):
@@ -80,17 +84,20 @@ def _expansion_sets(top: torch.Tensor, k1: int, block_rows: int):
 
 
 def _pair_sqdist(x: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                 top: torch.Tensor, topv: torch.Tensor, chunk: int = 1 << 12) -> torch.Tensor:
+                 top: torch.Tensor, topv: torch.Tensor, chunk: int = 1 << 14) -> torch.Tensor:
     """Squared distances of (row, col) pairs: looked up among each row's nearest neighbours
-    (values of the distance pass) and computed directly for the remaining pairs."""
-    hit = _rows(top, rows) == cols[:, None]
-    found = hit.any(1)
-    out = _rows(topv, rows).gather(1, hit.byte().argmax(1, keepdim=True)).squeeze(1)
-    miss = torch.nonzero(~found).squeeze(1)
-    for s in range(0, miss.numel(), chunk):  # small chunks: gathered rows stay cache/heap friendly
-        m = miss[s:s + chunk]
-        r, c = rows[m], cols[m]
-        out[m] = sq[r] + sq[c] - 2 * (x.index_select(0, r) * x.index_select(0, c)).sum(1)
+    (values of the distance pass) and computed directly for the remaining pairs. In chunks of
+    pairs: temporaries small enough for malloc to reuse (fresh large ones cost page faults)."""
+    out = torch.empty(rows.numel())
+    for s in range(0, rows.numel(), chunk):
+        r, c = rows[s:s + chunk], cols[s:s + chunk]
+        hit = _rows(top, r) == c[:, None]
+        v = _rows(topv, r).gather(1, hit.byte().argmax(1, keepdim=True)).squeeze(1)
+        miss = torch.nonzero(~hit.any(1)).squeeze(1)
+        if miss.numel():
+            r, c = r[miss], c[miss]
+            v[miss] = sq[r] + sq[c] - 2 * (x.index_select(0, r) * x.index_select(0, c)).sum(1)
+        out[s:s + chunk] = v
     return out
 
 
