@@ -58,9 +58,11 @@ def test_threads_give_the_same_result():
     nothing: the same result as one thread, bit for bit."""
     rng = np.random.default_rng(5)
     feats = _clustered(rng, 300, 20, 16, 0.6)
+    before = torch.get_num_threads()
     one = re_ranking(feats[:60], feats[60:], block_rows=64, pair_budget=500, num_threads=1)
     two = re_ranking(feats[:60], feats[60:], block_rows=64, pair_budget=500, num_threads=2)
     assert np.array_equal(one, two)
+    assert torch.get_num_threads() == before  # the caller's intra-op setting is put back
 
 
 def test_non_finite_features_are_refused():
