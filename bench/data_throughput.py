@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import io
 import json
@@ -365,11 +366,11 @@ def main(argv=None) -> int:
             before = {name: raw(decode) for name, decode in raw_cases.items()}
             for name, loader in loaders.items():
                 s0 = _server_cpu(server)
-                record(name, adjacent(lambda: _time_loader(loader, B)))  # noqa: B023 - called at once
+                record(name, adjacent(functools.partial(_time_loader, loader, B)))
                 if server is not None and "s3" in name:
                     results[name][-1]["server_cpu_s"] = _server_cpu(server) - s0
             for name, make in cases.items():
-                record(name, adjacent(lambda: _time_loader(make(r), B)))  # noqa: B023 - called at once
+                record(name, adjacent(lambda make=make, r=r: _time_loader(make(r), B)))  # a new loader each epoch
             for name, decode in raw_cases.items():
                 (t0, c0), (t1, c1) = before[name], raw(decode)
                 n = len(sample)
@@ -418,7 +419,7 @@ def main(argv=None) -> int:
             # from the first batch on: worker start-up and the initial pool read excluded (training
             # starts the next epoch's loader before the current one ends, so it does not wait on them)
             ratios[f"{name}_vs_raw_decode_steady"] = spread(
-                [x["steady_frames_per_s"] / y["frames_per_s"] for x, y in zip(results[name], results["raw_decode"])])
+                [x["steady_frames_per_s"] / x["raw_adjacent"]["frames_per_s"] for x in results[name]])
             ratios[f"{name}_vs_per_file_cpu"] = per_repeat(name, "per_file", "frames_per_cpu_s")
             ratios[f"{name}_vs_raw_decode_cpu"] = per_repeat(name, "raw_decode", "frames_per_cpu_s")
     # a persistent loader's first epoch (fork, fresh buffers) against the median raw decode rate

@@ -34,9 +34,10 @@ def _key_values(keys: torch.Tensor) -> torch.Tensor:
     return (i ^ ((i >> 31) & 0x7FFFFFFF)).view(torch.float32)
 
 
-def _offer(best: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> None:
+def _offer(best: torch.Tensor, tau: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> None:
     """Merge candidate keys into the ``K`` smallest keys of their rows (``best``, ``(N, K)``,
-    ascending). ``rows``: ascending, one per key."""
+    ascending), and set those rows' thresholds ``tau`` to their ``K``-th value. ``rows``:
+    ascending, one per key."""
     K = best.shape[1]
     urow, cnt = torch.unique_consecutive(rows, return_counts=True)
     g = torch.repeat_interleave(torch.arange(urow.numel()), cnt, output_size=rows.numel())
@@ -45,6 +46,7 @@ def _offer(best: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> None:
     cand[:, :K] = best[urow]
     cand[g, pos] = keys
     best[urow] = cand.topk(K, dim=1, largest=False, sorted=True).values
+    tau[urow] = _key_values(best[urow, -1])
 
 
 def _chunk_minmax(t: torch.Tensor, by_col: bool, chunk: int = 32):
@@ -153,8 +155,7 @@ def distance_pass(x: torch.Tensor, nq: int, k1: int, block_rows: int = 1024, thr
 
     def offer(rows, cols, vals, r0, c0):
         if rows.numel():
-            _offer(best, rows + r0, _order_keys(vals, cols + c0))
-            tau[rows + r0] = _key_values(best[rows + r0, -1])
+            _offer(best, tau, rows + r0, _order_keys(vals, cols + c0))
 
     for (s, e, c, f), t in _tiles(x, sq, diagonal + upper, b, threads, gemm_threads):
         if s < nq and f > nq:  # the raw query x gallery part; normalised once row maxima are known

@@ -101,11 +101,12 @@ def _pair_sqdist(x: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, cols: to
     return out
 
 
-def _segments(starts: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """Concatenation of ``arange(starts[t], starts[t] + lens[t])`` over t."""
+def _segments(starts: torch.Tensor, lens: torch.Tensor):
+    """``(pos, own)``: the concatenation of ``arange(starts[t], starts[t] + lens[t])`` over t, and
+    for each of its entries the segment t it belongs to."""
     total = int(lens.sum())
-    offs = torch.cumsum(lens, 0) - lens
-    return torch.repeat_interleave(starts - offs, lens, output_size=total) + torch.arange(total)
+    own = torch.repeat_interleave(torch.arange(lens.numel()), lens, output_size=total)
+    return (starts - (torch.cumsum(lens, 0) - lens)).index_select(0, own) + torch.arange(total), own
 
 
 def _query_expansion(rows, cols, vals, nbr: torch.Tensor, N: int, block_rows: int):
@@ -118,9 +119,8 @@ def _query_expansion(rows, cols, vals, nbr: torch.Tensor, N: int, block_rows: in
         e = min(N, s + block_rows)
         nb = nbr[s:e].reshape(-1)
         lens = _rows(cnt, nb)
-        pos = _segments(_rows(ptr, nb), lens)
-        owner = torch.repeat_interleave(torch.arange(s, e).repeat_interleave(k2), lens, output_size=pos.numel())
-        keys, order = torch.sort(owner * N + _rows(cols, pos))
+        pos, own = _segments(_rows(ptr, nb), lens)
+        keys, order = torch.sort((s + own // k2) * N + _rows(cols, pos))  # own // k2: the row of nb
         new = torch.ones_like(keys, dtype=torch.bool)
         new[1:] = keys[1:] != keys[:-1]
         group = torch.cumsum(new, 0) - 1
@@ -223,10 +223,7 @@ def _re_ranking(q_feat, g_feat, k1: int, k2: int, lambda_value: float, block_row
 
     def blend(s, e):  # final[s:e] = lambda * original + (1 - lambda) * Jaccard distance
         a, b = (int(entry_end[s - 1]) if s else 0), int(entry_end[e - 1])
-        ln = lens[a:b]
-        total = int(row_end[e - 1]) - (int(row_end[s - 1]) if s else 0)
-        own = torch.repeat_interleave(torch.arange(b - a), ln, output_size=total)  # entry of each pair
-        pos = (c_ptr[q_cols[a:b]] - (torch.cumsum(ln, 0) - ln)).index_select(0, own) + torch.arange(total)
+        pos, own = _segments(c_ptr[q_cols[a:b]], lens[a:b])  # own: the query entry of each pair
         m = torch.minimum(q_vals[a:b].index_select(0, own), c_vals.index_select(0, pos))
         tgt = ((q_rows[a:b] - s) * ng).index_select(0, own) + c_rows.index_select(0, pos)
         t = torch.zeros((e - s) * ng).index_add_(0, tgt, m).view(e - s, ng)
