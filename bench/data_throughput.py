@@ -7,8 +7,8 @@ clip-consistent flip, resize to the target size and ImageNet normalisation, P x 
 * ``stream_local`` -- ``pipeline.train_data.train_loader`` over local shards, ``persistent=True`` as
   training uses it (``pipeline.prefetch.epoch_batches``): one loader whose worker process is forked
   once and serves each repeat's epoch (its first epoch, with the fork, is reported apart);
-* ``stream_local_u8`` -- the same with ``normalize=False``: uint8 clips, normalisation left to
-  the GPU (``normalize_clips`` after ``.to(device)``), the intended training setup;
+* ``stream_local_u8`` -- the same with ``normalize=False``: uint8 clips, normalisation, flips and
+  erasing left to the GPU (``model_input`` after ``.to(device)``), the intended training setup;
 * ``stream_local_u8_fresh`` -- ``stream_local_u8`` with a new loader (a fork) every epoch;
 * ``stream_local_u8_stock_tar`` -- ``stream_local_u8`` with webdataset's tar stage for every shard
   (``tar_blocks=False``) instead of the block stage: the A/B that decides whether the block stage stays;

@@ -34,7 +34,7 @@ def batches_per_epoch(cfg: Config, num_train_ids: int, world_size: int) -> int:
 
 def train_step(engine, batch: dict, cfg: Config, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     """Forward, loss dict, DeepSpeed backward+step. Returns detached loss terms (no host sync)."""
-    clips = model_input(batch["clips"], device, dtype)
+    clips = model_input(batch["clips"], device, dtype, flips=batch.get("flips"), erase=batch.get("erase"))
     pids = batch["pids"].to(device=device, non_blocking=True)
     out = engine(clips)
     # Losses in fp32 whatever the engine's precision: margins and log-softmax need the range.

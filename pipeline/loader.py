@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.transforms import decode_clips, frame_buffer, normalize_clips
+from pipeline.transforms import augment_clips, decode_clips, frame_buffer, mean_fill, normalize_clips
 
 
 class WorkerStream(IterableDataset):
@@ -188,6 +188,8 @@ class Normalized:
                 b[key] = torch.from_numpy(v)
         if self.normalize and b["clips"].dtype == torch.uint8:
             u8 = b["clips"]
+            if "flips" in b:  # float32 batches come augmented (uint8 ones leave it to model_input)
+                augment_clips(u8, b.pop("flips"), b.pop("erase"), mean_fill(self.mean))
             out = torch.empty(u8.shape[:-3] + (3, *u8.shape[-3:-1]), dtype=torch.float32,
                               pin_memory=self.pin)
             b["clips"] = normalize_clips(u8, self.mean, self.std, out=out)

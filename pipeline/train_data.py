@@ -25,8 +25,8 @@ from pipeline.loader import BatchRing, WorkerStream, make_loader
 from pipeline.reading import Skips, shard_samples
 from pipeline.sampling import identity_batches, sample_rng, slot_shards
 from pipeline.shards import Manifest, as_manifest
-from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_into, decode_reversed, erase_box,
-                                 mean_fill, mirror_bgr_rows, replace_bad_clips, restricted_indices)
+from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_into, erase_box, mean_fill, replace_bad_clips,
+                                 restricted_indices)
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ class LoaderSpec:
         num_workers, prefetch_factor, pin_memory: the DataLoader's.
         hflip, random_erasing: per clip, a flip coin and (with this probability) one erased box.
         mean, std: ImageNet statistics (erasing fill, normalisation).
-        normalize: float32 normalised clips; False: uint8 ``(B, N, H, W, 3)`` for the GPU.
+        normalize: float32 normalised clips; False: uint8 ``(B, N, H, W, 3)`` for the GPU, which also
+            applies their flips and erasing (``transforms.augment_clips``).
         decode: "loader" (workers decode) or "device" (the consumer decodes, ``decode_clips``).
         persistent: one loader for many epochs (workers forked once, see ``train_loader``).
         cache_dir, cache_gb: node-local copies of s3:// shards (``pipeline.shard_cache``).
@@ -124,7 +125,7 @@ def _fill(batch: list, ring: BatchRing, spec: LoaderSpec, rng: np.random.Generat
         clips, u8, buffer_id = ring.get((n, clip_len, spec.height, spec.width, 3))
     for j, (_, (meta, frames)) in enumerate(batch):
         idx = restricted_indices(len(frames), clip_len, rng)
-        flips[j] = flip = spec.hflip and rng.random() < 0.5
+        flips[j] = spec.hflip and rng.random() < 0.5
         if spec.random_erasing > 0 and rng.random() < spec.random_erasing:
             box = erase_box(spec.height, spec.width, rng)
             if box is not None:  # same rectangle on every frame of the clip
@@ -133,8 +134,6 @@ def _fill(batch: list, ring: BatchRing, spec: LoaderSpec, rng: np.random.Generat
             for i, fi in enumerate(idx):
                 if encoded:
                     jpegs[j * clip_len + i] = frames[fi]
-                elif flip:  # BGR now, the whole clip mirrored below: one call, not one per frame
-                    decode_reversed(frames[fi], u8[j, i])
                 else:
                     decode_into(frames[fi], u8[j, i])
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad data; a misplaced frame
@@ -143,18 +142,15 @@ def _fill(batch: list, ring: BatchRing, spec: LoaderSpec, rng: np.random.Generat
             skips.add("clip", f"tracklet {meta.get('tracklet', meta['index'])}", f"frame {fi} does not decode ({e})")
             bad.append(j)
             continue
-        if flip and not encoded:
-            mirror_bgr_rows(u8[j])
-        if not encoded and erase[j, 2]:
-            y, x, h, w = erase[j]
-            u8[j, :, y:y + h, x:x + w] = fill
     if encoded:  # one buffer + bounds: a single pickled object, not B*N small ones
         offsets = np.zeros(len(jpegs) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in jpegs], out=offsets[1:])
         return {"jpegs": np.frombuffer(b"".join(jpegs), dtype=np.uint8), "offsets": offsets, "flips": flips,
                 "erase": erase, "pids": pids, "camids": camids, "skipped": skips.take()}
-    replace_bad_clips(u8, bad, pids, fill)
-    return {"clips": clips, "pids": pids, "camids": camids, "skipped": skips.take(), "_buffer": buffer_id}
+    replace_bad_clips(u8, bad, pids, fill, flips, erase)
+    # flips and erasing travel with the batch, applied by the consumer (on the GPU: augment_clips)
+    return {"clips": clips, "flips": flips, "erase": erase, "pids": pids, "camids": camids,
+            "skipped": skips.take(), "_buffer": buffer_id}
 
 
 def _train_worker(worker: int, num_workers: int, ring: BatchRing, *, spec: LoaderSpec, manifest: Manifest,
@@ -198,7 +194,9 @@ def _train_worker(worker: int, num_workers: int, ring: BatchRing, *, spec: Loade
 def train_loader(source, spec: LoaderSpec | None = None, *, epoch: int = 0, device=None, **fields):
     """Training stream for one rank: exactly ``spec.batches_per_epoch`` P x K batches
     ``{"clips": float32 (P*K, N, 3, H, W), "pids": long, "camids": long, "skipped": int}``
-    (uint8 ``(P*K, N, H, W, 3)`` with ``normalize=False``).
+    (uint8 ``(P*K, N, H, W, 3)`` with ``normalize=False``; with ``decode="loader"`` those come
+    with ``"flips"`` and ``"erase"``, the clips' draws still to apply on the device, where they are
+    free: ``transforms.model_input(..., flips=, erase=)``).
 
     Shards: disjoint across ranks x workers within an epoch, reshuffled per (seed, epoch),
     resampled when a worker runs out (``sampling.train_shard_assignment``); batches split among

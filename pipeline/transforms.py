@@ -187,12 +187,20 @@ def normalize_clips(frames, mean, std, out: torch.Tensor | None = None) -> torch
     return out.mul_(1.0 / (255.0 * std_t)).add_(-mean_t / std_t)
 
 
-def model_input(clips: torch.Tensor, device: torch.device, dtype: torch.dtype, mean=None, std=None) -> torch.Tensor:
+def model_input(clips: torch.Tensor, device: torch.device, dtype: torch.dtype, mean=None, std=None,
+                flips=None, erase=None) -> torch.Tensor:
     """A loader batch as the model's input on ``device``: uint8 ``(B, N, H, W, 3)`` clips are moved
-    first and normalised there (4x fewer bytes over PCIe/between processes); float clips are moved."""
+    first, then flipped and erased as the batch's ``flips``/``erase`` say (a uint8 training batch
+    leaves them to the device: :func:`augment_clips`), then normalised there (4x fewer bytes over
+    PCIe/between processes); float clips are moved."""
+    mean = IMAGENET_MEAN if mean is None else mean
     if clips.dtype == torch.uint8:
-        clips = normalize_clips(clips.to(device, non_blocking=True),
-                                IMAGENET_MEAN if mean is None else mean, IMAGENET_STD if std is None else std)
+        clips = clips.to(device, non_blocking=True)
+        if flips is not None:
+            clips = augment_clips(clips, flips, erase, mean_fill(mean))
+        clips = normalize_clips(clips, mean, IMAGENET_STD if std is None else std)
+    elif flips is not None:
+        raise ValueError("flips/erase are for uint8 clips: float clips come augmented")
     return clips.to(device=device, dtype=dtype, non_blocking=True)
 
 
@@ -271,7 +279,39 @@ def decode_clips(jpegs: np.ndarray, offsets: np.ndarray, flips: np.ndarray, eras
     return out, len(bad)
 
 
-def replace_bad_clips(clips, bad, pids, fill) -> None:
+def augment_clips(clips: torch.Tensor, flips, erase, fill) -> torch.Tensor:
+    """The training stream's per-clip draws applied to uint8 ``(B, N, H, W, 3)`` clips, in place, on
+    whatever device holds them: clips with ``flips`` set are mirrored horizontally, then each
+    ``erase`` row ``(y, x, h, w)`` (``h == 0``: none) is filled with ``fill`` on every frame.
+
+    ``decode="loader"`` batches with ``normalize=False`` carry these draws instead of applying them
+    in the loader process: on a GPU they cost nothing, where mirroring in the loader took ~5% of its
+    CPU (docs/performance.md §2, eighth round). ``model_input`` and ``normalize=True`` loaders call
+    this. Returns ``clips``.
+
+    Args:
+        clips: uint8 ``(B, N, H, W, 3)`` tensor.
+        flips: ``(B,)`` bool (array or tensor).
+        erase: ``(B, 4)`` int rows ``(y, x, h, w)``.
+        fill: uint8 RGB of erased pixels (``mean_fill``).
+    """
+    flips = np.asarray(flips, dtype=bool)
+    if flips.shape != clips.shape[:1] or np.shape(erase) != (len(flips), 4):
+        raise ValueError(f"flips {flips.shape} / erase {np.shape(erase)} do not fit clips {tuple(clips.shape)}")
+    if flips.any():
+        idx = torch.from_numpy(np.flatnonzero(flips)).to(clips.device)
+        clips[idx] = clips.index_select(0, idx).flip(-2)
+    erase = np.asarray(erase)
+    rows = np.flatnonzero(erase[:, 2])
+    if len(rows):
+        fill = torch.as_tensor(np.asarray(fill, dtype=np.uint8)).to(clips.device)
+        for c in rows:
+            y, x, h, w = (int(v) for v in erase[c])
+            clips[c, :, y:y + h, x:x + w] = fill
+    return clips
+
+
+def replace_bad_clips(clips, bad, pids, fill, flips=None, erase=None) -> None:
     """The training streams' bad-frame policy, one for both decode paths (``decode="loader"`` in
     the loader process, ``decode_clips`` on the device): a clip with a frame that does not decode
     is overwritten, in place, by the first good clip of the same identity in the batch (P x K
@@ -279,12 +319,18 @@ def replace_bad_clips(clips, bad, pids, fill) -> None:
     clip once in the batch's ``skipped``.
 
     Args:
-        clips: the batch, ``(B, ...)`` (tensor or array), with flips and erasing applied.
+        clips: the batch, ``(B, ...)`` (tensor or array).
         bad: indices of the clips to replace.
         pids: ``(B,)`` identity of each clip.
         fill: what a clip without a donor becomes (broadcast; the mean colour).
+        flips, erase: the batch's draws when they are still to apply (``augment_clips``): a
+            replaced clip takes its donor's, so it ends up equal to the donor after them too
+            (None: ``clips`` come with flips and erasing applied).
     """
     pids = np.asarray(pids)
     for c in sorted(bad):
         donors = [d for d in np.flatnonzero(pids == pids[c]) if d not in bad]
         clips[c] = clips[donors[0]] if donors else fill
+        if flips is not None:
+            flips[c] = flips[donors[0]] if donors else False
+            erase[c] = erase[donors[0]] if donors else 0

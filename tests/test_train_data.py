@@ -14,7 +14,7 @@ import torch
 from pipeline import storage, urls
 from pipeline.train_data import LoaderSpec, train_loader
 from pipeline.sampling import train_shard_assignment
-from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_clips
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, augment_clips, mean_fill, model_input, normalize_clips
 from shard_writer import (H, LAYOUTS, TRAIN_KW, W, _decode, _eval, _make_tracklets, _run_train,  # noqa: F401
                           _write_dataset, eval_set, train_dir)
 
@@ -173,7 +173,18 @@ def test_train_uint8_output_matches_normalized(train_dir):
     u = _run_train(url, num_workers=2, batches_per_epoch=2, normalize=False)
     for x, y in zip(f, u, strict=True):
         assert y["clips"].dtype == torch.uint8 and y["clips"].shape == (6, 4, H, W, 3)
-        assert torch.equal(normalize_clips(y["clips"], IMAGENET_MEAN, IMAGENET_STD), x["clips"])
+        assert set(y) == {"clips", "flips", "erase", "pids", "camids", "skipped"} and "flips" not in x
+        # uint8 batches leave flips and erasing to the device: the same draws, applied later
+        assert torch.equal(normalize_clips(_augmented(y), IMAGENET_MEAN, IMAGENET_STD), x["clips"])
+        assert torch.equal(model_input(y["clips"].clone(), torch.device("cpu"), torch.float32, flips=y["flips"],
+                                       erase=y["erase"]), x["clips"])
+
+
+def _augmented(b: dict) -> torch.Tensor:
+    """A batch's clips with its pending flips and erasing applied (uint8 batches of decode=loader)."""
+    if "flips" not in b:
+        return b["clips"]
+    return augment_clips(b["clips"].clone(), b["flips"], b["erase"], mean_fill(IMAGENET_MEAN))
 
 
 def test_block_and_member_layouts_read_alike(tmp_path, eval_set):
@@ -199,9 +210,10 @@ def test_train_device_decode_equals_loader_decode_on_cpu(train_dir, num_workers,
     a = _run_train(url, **kw)
     b = _run_train(url, decode="device", device="cpu", **kw)
     for x, y in zip(a, b, strict=True):
-        assert torch.equal(x["clips"], y["clips"]) and torch.equal(x["pids"], y["pids"])
+        assert torch.equal(_augmented(x), y["clips"]) and torch.equal(x["pids"], y["pids"])
         assert torch.equal(x["camids"], y["camids"]) and x["skipped"] == y["skipped"] == 0
         assert set(y) == {"clips", "pids", "camids", "skipped"}
+        assert ("flips" in x) == (not normalize)  # float32 batches come augmented
     with pytest.raises(ValueError, match="decode must be"):
         _run_train(url, decode="gpu")
 
@@ -219,11 +231,14 @@ def test_train_device_decode_bad_frames(tmp_path):
     for b in (_run_train(url, decode="device", device="cpu", **kw)[0], _run_train(url, **kw)[0]):
         assert Counter(b["pids"].tolist()) == {0: 2, 1: 2, 2: 2, 3: 2}
         assert b["skipped"] == 2
+        clips = _augmented(b)
         for pid in (0, 1):  # tracklets 0 (pid 0) and 2 (pid 1) replaced by their identity's other clip
             j = np.flatnonzero(b["pids"].numpy() == pid)
-            assert torch.equal(b["clips"][j[0]], b["clips"][j[1]])
+            assert torch.equal(clips[j[0]], clips[j[1]])
+    kw["random_erasing"] = 1.0  # a replaced clip takes its donor's draws too
     a, d = _run_train(url, **kw)[0], _run_train(url, decode="device", device="cpu", **kw)[0]
-    assert torch.equal(a["clips"], d["clips"]) and a["skipped"] == d["skipped"]
+    assert a["erase"][:, 2].all() and a["flips"].any()
+    assert torch.equal(_augmented(a), d["clips"]) and a["skipped"] == d["skipped"]
 
 
 def test_spec_from_config_per_rank_p():

@@ -292,3 +292,36 @@ def test_replace_bad_clips_policy():
     t[0] = 5
     replace_bad_clips(t, {1}, [3, 3, 4, 4], fill=0)
     assert t[1].tolist() == [5, 5]
+
+
+def test_augment_clips_flips_then_erases_in_place_and_model_input_applies_it():
+    from pipeline.transforms import augment_clips, model_input, replace_bad_clips
+
+    rng = np.random.default_rng(0)
+    clips = torch.from_numpy(rng.integers(0, 256, (3, 2, 6, 5, 3), dtype=np.uint8))
+    flips, erase = np.array([True, False, True]), np.array([[0, 0, 0, 0], [1, 2, 3, 2], [0, 0, 2, 1]])
+    want = clips.numpy().copy()
+    want[[0, 2]] = want[[0, 2], :, :, ::-1]  # mirrored along W, pixels kept RGB
+    want[1, :, 1:4, 2:4] = (7, 8, 9)
+    want[2, :, 0:2, 0:1] = (7, 8, 9)  # the box is in the mirrored frame
+    src = clips.clone()
+    assert augment_clips(clips, flips, erase, (7, 8, 9)) is clips
+    assert np.array_equal(clips.numpy(), want)
+    fill = mean_fill(IMAGENET_MEAN)
+    got = model_input(src.clone(), torch.device("cpu"), torch.float32, flips=torch.from_numpy(flips),
+                      erase=torch.from_numpy(erase))
+    ref = normalize_clips(augment_clips(src.clone(), flips, erase, fill), IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match="do not fit"):
+        augment_clips(src, flips[:2], erase, fill)
+    with pytest.raises(ValueError, match="uint8"):
+        model_input(ref, torch.device("cpu"), torch.float32, flips=flips, erase=erase)
+    # a replaced clip takes its donor's pending draws, so both match once they are applied
+    pids, f, e = np.array([4, 4, 5]), flips.copy(), erase.copy()
+    c = src.clone().numpy()  # as in the loader process
+    replace_bad_clips(c, [1], pids, fill, f, e)
+    assert f[1] == f[0] and (e[1] == e[0]).all()
+    replace_bad_clips(c, [2], pids, fill, f, e)  # no donor: the fill colour, no draws
+    assert not f[2] and not e[2].any() and (c[2] == fill).all()
+    out = augment_clips(torch.from_numpy(c), f, e, fill)
+    assert torch.equal(out[0], out[1])
