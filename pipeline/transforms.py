@@ -298,7 +298,10 @@ def augment_clips(clips: torch.Tensor, flips, erase, fill) -> torch.Tensor:
     flips = np.asarray(flips, dtype=bool)
     if flips.shape != clips.shape[:1] or np.shape(erase) != (len(flips), 4):
         raise ValueError(f"flips {flips.shape} / erase {np.shape(erase)} do not fit clips {tuple(clips.shape)}")
-    if flips.any():
+    if clips.device.type == "cpu":  # clip by clip: a batched index_put costs ~4x more on CPU
+        for c in np.flatnonzero(flips).tolist():
+            clips[c] = clips[c].flip(-2)
+    elif flips.any():  # one kernel per step, not one per clip
         idx = torch.from_numpy(np.flatnonzero(flips)).to(clips.device)
         clips[idx] = clips.index_select(0, idx).flip(-2)
     erase = np.asarray(erase)
