@@ -113,7 +113,8 @@ class LoaderSpec:
 def _fill(batch: list, ring: BatchRing, spec: LoaderSpec, rng: np.random.Generator, skips: Skips, fill) -> dict:
     """Decode stage: one P x K batch from its ``(pid, (meta, frames))`` tracklets. Per clip,
     restricted sampling of N frames, a flip coin and an erasing draw (the same draws with either
-    decode path and whatever decodes, so both give equal batches); only sampled frames are read."""
+    decode path and whatever decodes, so both give equal model inputs); only sampled frames are read.
+    The draws travel with the batch: the device applies them (``transforms.augment_clips``)."""
     n, clip_len = len(batch), spec.clip_len
     encoded = spec.decode == "device"
     pids = np.fromiter((pid for pid, _ in batch), np.int64, n)

@@ -295,16 +295,16 @@ def augment_clips(clips: torch.Tensor, flips, erase, fill) -> torch.Tensor:
         erase: ``(B, 4)`` int rows ``(y, x, h, w)``.
         fill: uint8 RGB of erased pixels (``mean_fill``).
     """
-    flips = np.asarray(flips, dtype=bool)
-    if flips.shape != clips.shape[:1] or np.shape(erase) != (len(flips), 4):
-        raise ValueError(f"flips {flips.shape} / erase {np.shape(erase)} do not fit clips {tuple(clips.shape)}")
+    flips, erase = (np.asarray(x.cpu() if torch.is_tensor(x) else x) for x in (flips, erase))
+    flips = flips.astype(bool, copy=False)
+    if flips.shape != clips.shape[:1] or erase.shape != (len(flips), 4):
+        raise ValueError(f"flips {flips.shape} / erase {erase.shape} do not fit clips {tuple(clips.shape)}")
     if clips.device.type == "cpu":  # clip by clip: a batched index_put costs ~4x more on CPU
         for c in np.flatnonzero(flips).tolist():
             clips[c] = clips[c].flip(-2)
     elif flips.any():  # one kernel per step, not one per clip
         idx = torch.from_numpy(np.flatnonzero(flips)).to(clips.device)
         clips[idx] = clips.index_select(0, idx).flip(-2)
-    erase = np.asarray(erase)
     rows = np.flatnonzero(erase[:, 2])
     if len(rows):
         fill = torch.as_tensor(np.asarray(fill, dtype=np.uint8)).to(clips.device)
