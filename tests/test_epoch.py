@@ -58,3 +58,30 @@ def test_run_epoch_stops_at_a_non_finite_loss_naming_step_and_terms(monkeypatch)
         epoch.run_epoch(_Engine(), batches(), cfg, dtype=torch.float32, device=torch.device("cpu"),
                          on_log=lambda step, values: None)
     assert seen == [0, 1, 2]  # stopped at the first sync after the bad step, not at the epoch's end
+
+
+def test_train_step_applies_the_batch_flips_and_erasing_on_the_device(monkeypatch):
+    """A loader's uint8 training batch carries its flips/erasing; train_step's input has them applied."""
+    import numpy as np
+
+    from pipeline import epoch
+    from pipeline.config import load_config
+    from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, augment_clips, mean_fill, normalize_clips
+
+    seen = []
+
+    class Engine:
+        def __call__(self, x):
+            seen.append(x)
+            raise StopIteration  # the input is all this test needs
+
+    cfg = load_config("configs/tiny.yaml", [])
+    clips = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 2, 8, 4, 3), dtype=np.uint8))
+    flips, erase = torch.tensor([True, False]), torch.tensor([[0, 0, 0, 0], [2, 1, 3, 2]])
+    want = normalize_clips(augment_clips(clips.clone(), flips, erase, mean_fill(IMAGENET_MEAN)),
+                           IMAGENET_MEAN, IMAGENET_STD)
+    plain = normalize_clips(clips, IMAGENET_MEAN, IMAGENET_STD)
+    batch = {"clips": clips, "flips": flips, "erase": erase, "pids": torch.tensor([0, 1]), "skipped": 0}
+    with pytest.raises(StopIteration):
+        epoch.train_step(Engine(), batch, cfg, torch.float32, torch.device("cpu"))
+    assert torch.equal(seen[0], want) and not torch.equal(seen[0], plain)
