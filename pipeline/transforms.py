@@ -108,13 +108,6 @@ def decode_into(data, out: np.ndarray, flip: bool = False) -> np.ndarray:
     return mirror_bgr_rows(_decode(data, out, bgr=True))
 
 
-def decode_reversed(data, out: np.ndarray) -> np.ndarray:
-    """``decode_into`` with the channels in reverse order (BGR): :func:`mirror_bgr_rows` then
-    turns it into the mirrored RGB image. A clip's frames decoded so are mirrored by one call
-    for the whole clip instead of one per frame."""
-    return _decode(data, out, bgr=True)
-
-
 def mirror_bgr_rows(out: np.ndarray) -> np.ndarray:
     """Reverse the bytes of every image row of ``out`` (``(..., W, 3)`` uint8, C-contiguous): BGR
     pixels become the horizontally mirrored RGB image. One vectorised byte reversal, where
@@ -245,7 +238,7 @@ def decode_clips(jpegs: np.ndarray, offsets: np.ndarray, flips: np.ndarray, eras
         for i in range(b * clip_len):
             c, n = divmod(i, clip_len)
             try:
-                decode_into(jpegs[offsets[i]:offsets[i + 1]], arr[c, n], bool(flips[c]))
+                decode_into(jpegs[offsets[i]:offsets[i + 1]], arr[c, n])
             except (OSError, ValueError, SyntaxError):
                 bad.add(c)
     else:
@@ -267,15 +260,9 @@ def decode_clips(jpegs: np.ndarray, offsets: np.ndarray, flips: np.ndarray, eras
                 im = torch.nn.functional.interpolate(im[None].float(), size=(height, width), mode="bilinear",
                                                      align_corners=False, antialias=True)[0]
                 imgs[i] = im.round_().clamp_(0, 255).to(torch.uint8)
-        chw = torch.stack(imgs).view(b, clip_len, 3, height, width)
-        flip_t = torch.as_tensor(np.asarray(flips, dtype=bool)).to(device)
-        chw = torch.where(flip_t.view(b, 1, 1, 1, 1), chw.flip(-1), chw)
-        out = chw.permute(0, 1, 3, 4, 2)
-    fill = fill.to(out.device)
-    for c in np.flatnonzero(erase[:, 2]):  # after the flip, as the loader does
-        y, x, h, w = (int(v) for v in erase[c])
-        out[c, :, y:y + h, x:x + w] = fill
-    replace_bad_clips(out, bad, pids, fill)
+        out = torch.stack(imgs).view(b, clip_len, 3, height, width).permute(0, 1, 3, 4, 2)
+    augment_clips(out, flips, erase, fill)  # the same step as for the loader's uint8 batches
+    replace_bad_clips(out, bad, pids, fill.to(out.device))
     return out, len(bad)
 
 

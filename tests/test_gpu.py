@@ -71,12 +71,12 @@ def test_device_decode_loader_batches_match_loader_decode(tmp_path):
               num_workers=1, normalize=False, random_erasing=0.5)
     ref = list(train_loader(url, **kw))
     got = list(train_loader(url, decode="device", device="cuda", **kw))
-    from pipeline.transforms import augment_clips, mean_fill
+    from pipeline.transforms import IMAGENET_MEAN, augment_clips, mean_fill
 
     for a, b in zip(ref, got, strict=True):
         assert b["clips"].device.type == "cuda" and torch.equal(a["pids"], b["pids"])
         # the loader's uint8 batches carry their flips/erasing: applied here on the GPU, as training does
-        want = augment_clips(a["clips"].to(CUDA), a["flips"], a["erase"], mean_fill((0.485, 0.456, 0.406)))
+        want = augment_clips(a["clips"].to(CUDA), a["flips"], a["erase"], mean_fill(IMAGENET_MEAN))
         assert (want.int() - b["clips"].int()).abs().float().mean() < 1.0
     assert storage.exists(urls.join(url, "manifest.json"))
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, _pil_decode, decode_into, decode_reversed,
+from pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, _pil_decode, decode_into,
                                  erase_box, eval_clip_indices, frame_buffer, mean_fill, mirror_bgr_rows,
                                  normalize_clips, restricted_indices)
 
@@ -147,10 +147,10 @@ def test_frame_buffer_rows_start_off_vector_alignment_and_decode_the_same(shared
     assert frame_buffer((0, 32, 16, 3)).shape == (0, 32, 16, 3)
 
 
-def test_clip_decoded_reversed_then_mirrored_equals_flipped_frames():
-    """The training stream's flip: frames decoded as BGR, then every row of the clip byte-reversed
-    in one call, give exactly decode_into(flip=True) of each frame, whatever path a frame takes
-    (same-size JPEG, downscaled JPEG, PNG, CMYK and grayscale JPEG via PIL)."""
+def test_flipped_decode_is_the_mirrored_decode_on_every_path():
+    """decode_into(flip=True) (frames decoded as BGR, then every row byte-reversed) gives exactly
+    the mirrored plain decode, whatever path a frame takes (same-size JPEG, downscaled JPEG, PNG,
+    CMYK and grayscale JPEG via PIL)."""
     rng = np.random.default_rng(6)
     frames = [_jpeg(rng.integers(0, 256, (32, 16, 3), dtype=np.uint8)),
               _jpeg(rng.integers(0, 256, (70, 35, 3), dtype=np.uint8))]
@@ -161,10 +161,11 @@ def test_clip_decoded_reversed_then_mirrored_equals_flipped_frames():
     clip = frame_buffer((len(frames), 32, 16, 3)).numpy()
     for i, data in enumerate(frames):
         out = clip[i]
-        assert decode_reversed(data, out) is out
-    assert mirror_bgr_rows(clip) is clip
-    for i, data in enumerate(frames):
-        np.testing.assert_array_equal(clip[i], decode_frame(data, 32, 16, flip=True))
+        assert decode_into(data, out, flip=True) is out
+        np.testing.assert_array_equal(out, decode_frame(data, 32, 16)[:, ::-1])
+    row = clip[0].copy()
+    assert mirror_bgr_rows(row) is row
+    np.testing.assert_array_equal(row, clip[0][:, ::-1, ::-1])
 
 
 def test_decode_into_cmyk_and_grayscale_jpeg_via_the_same_pixels_as_pil():
